@@ -1,0 +1,49 @@
+//! `cargo xtask`: build, set-up, tests and VMs for rthooks.
+//!
+//! Every command first runs [`setup::ensure`], which installs what is missing (apt
+//! packages, the nightly's `rust-src`, `bpf-linker` linked against the nightly's LLVM)
+//! and returns quickly when nothing is.
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod setup;
+mod util;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, test and run rthooks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install missing prerequisites (idempotent).
+    Setup,
+    /// Build the eBPF object and every binary (release).
+    Build,
+    /// Run every test this machine can run (unit, integration, kernel).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    setup::ensure()?;
+    match cli.command {
+        Command::Setup => Ok(()),
+        Command::Build => util::cargo(&["build", "--release", "--workspace", "--bins"]),
+        Command::Test { args } => test(&args),
+    }
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    // Binaries first: the integration tests start the real agent and hooks.
+    util::cargo(&["build", "--workspace", "--bins"])?;
+    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+    args.extend(extra.iter().map(String::as_str));
+    util::cargo(&args)
+}
