@@ -10,10 +10,15 @@ pub mod tetragon {
     tonic::include_proto!("tetragon");
 }
 
-pub mod v1 {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("rthooks.v1");
+/// Nested as the proto package is (`rthooks.v1`), so that generated cross-package paths
+/// (`super::super::tetragon`) resolve.
+pub mod rthooks {
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("rthooks.v1");
+    }
 }
+pub use rthooks::v1;
 
 /// The agent's default socket.
 pub const DEFAULT_AGENT_ADDRESS: &str = "unix:///run/rthooks/agent.sock";
