@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod setup;
 mod util;
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Build, test and run rthooks")]
@@ -28,6 +29,10 @@ enum Command {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Fetch and unpack the VM kernels and guest userland; build the initramfs.
+    Vm(vm::Select),
+    /// Boot each kernel in QEMU, run the e2e suite inside, print the kernel matrix.
+    E2e(vm::E2eArgs),
 }
 
 fn main() -> Result<()> {
@@ -37,6 +42,8 @@ fn main() -> Result<()> {
         Command::Setup => Ok(()),
         Command::Build => util::cargo(&["build", "--release", "--workspace", "--bins"]),
         Command::Test { args } => test(&args),
+        Command::Vm(select) => vm::vm(&select),
+        Command::E2e(args) => vm::e2e(&args),
     }
 }
 

@@ -1,0 +1,372 @@
+//! `cargo xtask vm` and `cargo xtask e2e`: Debian kernels in QEMU, the guest userland,
+//! and the kernel × scenario compatibility matrix.
+//!
+//! Layout of the cache (`util::cache_dir()`): `apt/` private apt state, `debs/` verified
+//! package files, `kernels/<package>/` unpacked kernels with their `initramfs.cpio.gz`,
+//! `userland/<name>/` unpacked guest userland. Guests see all of it, and the workspace,
+//! at the same paths through the read-only host root share.
+pub mod fetch;
+pub mod initramfs;
+pub mod kernels;
+pub mod matrix;
+pub mod qemu;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::util::{cache_dir, workspace_root};
+use fetch::{Apt, FetchStats};
+use kernels::{Config, Kernel};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Select {
+    /// A kernel by its kernels.toml name (repeatable); default: the `default = true` one.
+    #[arg(long = "kernel", value_name = "NAME")]
+    pub kernels: Vec<String>,
+    /// Every kernel in vm/kernels.toml.
+    #[arg(long, conflicts_with = "kernels")]
+    pub all: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct E2eArgs {
+    #[command(flatten)]
+    pub select: Select,
+    /// Seconds a guest may run before it is killed and reported.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Seconds one scenario may run inside the guest.
+    #[arg(long, default_value_t = 180)]
+    pub scenario_timeout: u64,
+    /// Run only scenarios whose name contains this.
+    #[arg(long)]
+    pub scenario: Option<String>,
+    /// Use the binaries already built.
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+/// A kernel ready to boot.
+pub struct Prepared {
+    pub kernel: Kernel,
+    pub tree: initramfs::KernelTree,
+    pub initramfs: PathBuf,
+}
+
+pub fn config() -> Result<Config> {
+    Config::load(&workspace_root().join("vm/kernels.toml"))
+}
+
+/// `cargo xtask vm`: fetch, verify and unpack kernels and userland; build initramfs.
+pub fn vm(select: &Select) -> Result<()> {
+    let start = Instant::now();
+    let config = config()?;
+    let kernels = config.select(&select.kernels, select.all)?;
+    let mut stats = FetchStats::default();
+    let prepared = prepare(&config, &kernels, &mut stats)?;
+    for p in &prepared {
+        let append = if p.kernel.append.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", p.kernel.append)
+        };
+        eprintln!(
+            "vm: {:<14} {}{append}\n    kernel    {}\n    initramfs {}",
+            p.kernel.name,
+            p.tree.release,
+            p.tree.vmlinuz.display(),
+            p.initramfs.display()
+        );
+    }
+    eprintln!(
+        "vm: ready in {:.1} s (downloaded {:.1} MB in {:.1} s, {:.1} MB already cached)",
+        start.elapsed().as_secs_f64(),
+        stats.downloaded_bytes as f64 / 1e6,
+        stats.seconds,
+        stats.cached_bytes as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// Fetches the userland and the given kernels; builds their initramfs.
+pub fn prepare(
+    config: &Config,
+    kernels: &[Kernel],
+    stats: &mut FetchStats,
+) -> Result<Vec<Prepared>> {
+    let apt = Apt::new(&config.suites())?;
+    for u in &config.userland {
+        let wanted: Vec<(String, String)> = u
+            .packages
+            .iter()
+            .map(|p| (p.clone(), u.suite.clone()))
+            .collect();
+        let debs = apt.resolve(&wanted)?;
+        if let Some(prefix) = &u.version_prefix {
+            for d in &debs {
+                if !d.version.starts_with(prefix.as_str()) {
+                    bail!(
+                        "{} in {} is {}, kernels.toml wants {prefix}: update vm/kernels.toml",
+                        d.package,
+                        d.suite,
+                        d.version
+                    );
+                }
+            }
+        }
+        let files = apt.fetch(&debs, stats)?;
+        if fetch::unpack(&files, &userland_dir(&u.name))? {
+            eprintln!(
+                "vm: unpacked userland {} ({})",
+                u.name,
+                debs.iter()
+                    .map(|d| format!("{} {}", d.package, d.version))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    let busybox = ["bin/busybox", "usr/bin/busybox"]
+        .iter()
+        .map(|p| userland_dir("busybox").join(p))
+        .find(|p| p.exists())
+        .context("kernels.toml must list a `busybox` userland with busybox-static")?;
+    let init = workspace_root().join("vm/guest/init");
+    let mut out = Vec::new();
+    for k in kernels {
+        let wanted: Vec<(String, String)> = k
+            .packages
+            .iter()
+            .map(|p| (p.clone(), k.suite.clone()))
+            .collect();
+        let debs = apt.resolve(&wanted)?;
+        let files = apt.fetch(&debs, stats)?;
+        let dir = cache_dir().join("kernels").join(&k.packages[0]);
+        if fetch::unpack(&files, &dir)? {
+            eprintln!("vm: unpacked kernel {}", k.packages.join(" + "));
+        }
+        let tree = initramfs::KernelTree::find(&dir)?;
+        let initrd = dir.join("initramfs.cpio.gz");
+        if initramfs::build(&tree, &busybox, &init, &initrd)? {
+            eprintln!("vm: built {}", initrd.display());
+        }
+        out.push(Prepared {
+            kernel: k.clone(),
+            tree,
+            initramfs: initrd,
+        });
+    }
+    Ok(out)
+}
+
+pub fn userland_dir(name: &str) -> PathBuf {
+    cache_dir().join("userland").join(name)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| {
+            if p.is_absolute() {
+                p
+            } else {
+                workspace_root().join(p)
+            }
+        })
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// `cargo xtask e2e`.
+pub fn e2e(args: &E2eArgs) -> Result<()> {
+    let config = config()?;
+    let kernels = config.select(&args.select.kernels, args.select.all)?;
+    if !args.no_build {
+        // --keep-going: a crate that does not build yet must not stop the others' tests;
+        // scenarios needing a missing binary skip and say so.
+        if let Err(e) = crate::util::cargo(&["build", "--workspace", "--bins", "--keep-going"]) {
+            eprintln!("e2e: warning: the build failed ({e:#}); scenarios needing the missing binaries will skip");
+        }
+    }
+    let mut stats = FetchStats::default();
+    let prepared = prepare(&config, &kernels, &mut stats)?;
+    let qemu_bin = PathBuf::from(
+        std::env::var("RTHOOKS_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
+    );
+    let accel = qemu::choose_accel(&qemu_bin, &prepared[0].tree.vmlinuz, &prepared[0].initramfs);
+    let out_dir = workspace_root().join("target/e2e");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut rows = Vec::new();
+    let mut summary = Vec::new();
+    for p in &prepared {
+        let (r, line) = run_kernel(p, args, accel, &qemu_bin, &out_dir)?;
+        rows.extend(r);
+        summary.push(line);
+    }
+    let names: Vec<String> = prepared.iter().map(|p| p.kernel.name.clone()).collect();
+    let generated =
+        crate::util::output(std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+    let mut md = matrix::render_md(&rows, &names, &generated);
+    md.push_str(&format!(
+        "\n## Guests\n\nAccelerator: {}.\n\n",
+        accel.name()
+    ));
+    for s in &summary {
+        md.push_str(&format!("- {s}\n"));
+    }
+    std::fs::write(out_dir.join("matrix.md"), &md)?;
+    std::fs::write(out_dir.join("matrix.json"), matrix::render_json(&rows))?;
+    println!("\n{md}");
+    eprintln!(
+        "e2e: wrote {} and matrix.json",
+        out_dir.join("matrix.md").display()
+    );
+    let failed = rows
+        .iter()
+        .filter(|r| r.result == matrix::Verdict::Fail)
+        .count();
+    if failed > 0 {
+        bail!("{failed} scenario(s) failed");
+    }
+    Ok(())
+}
+
+fn run_kernel(
+    p: &Prepared,
+    args: &E2eArgs,
+    accel: qemu::Accel,
+    qemu_bin: &Path,
+    out_dir: &Path,
+) -> Result<(Vec<matrix::Row>, String)> {
+    let name = &p.kernel.name;
+    let results = out_dir.join(name);
+    let _ = std::fs::remove_dir_all(&results);
+    std::fs::create_dir_all(&results)?;
+    std::fs::write(results.join("job"), job_script(name, args))?;
+    let mut append =
+        "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off rdinit=/init".to_string();
+    if !p.kernel.append.is_empty() {
+        append.push(' ');
+        append.push_str(&p.kernel.append);
+    }
+    let boot = qemu::Boot {
+        qemu: qemu_bin.to_path_buf(),
+        accel,
+        kernel: p.tree.vmlinuz.clone(),
+        initrd: p.initramfs.clone(),
+        append,
+        shares: vec![
+            qemu::Share {
+                tag: "hostroot",
+                path: "/".into(),
+                readonly: true,
+            },
+            qemu::Share {
+                tag: "results",
+                path: results.clone(),
+                readonly: false,
+            },
+        ],
+        deadline: Duration::from_secs(args.timeout),
+        console_log: Some(results.join("console.log")),
+        memory: "2G",
+        smp: 2,
+    };
+    eprintln!(
+        "e2e: booting {name} ({}, {}) with {}",
+        p.tree.release,
+        p.kernel.suite,
+        accel.name()
+    );
+    let prefix = format!("[{name}] ");
+    let result = boot.run(|line| eprintln!("{prefix}{line}"))?;
+    let problem = match &result.outcome {
+        qemu::Outcome::Done { .. } => None,
+        _ => Some(result.describe()),
+    };
+    if let Some(problem) = &problem {
+        eprintln!("e2e: {name}: {problem}; last console lines:");
+        for l in result.tail.iter().rev().take(15).rev() {
+            eprintln!("{prefix}| {l}");
+        }
+    }
+    let text = std::fs::read_to_string(results.join("results.jsonl")).unwrap_or_default();
+    let rows = matrix::parse_results(name, &text, problem.as_deref());
+    let line = format!(
+        "{name}: {} — {} in {:.1} s (console: {})",
+        p.tree.release,
+        result.describe(),
+        result.seconds,
+        results.join("console.log").display()
+    );
+    eprintln!("e2e: {line}");
+    Ok((rows, line))
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The script the guest init runs (chrooted into the host root), from the results share.
+fn job_script(kernel: &str, args: &E2eArgs) -> String {
+    let ws = workspace_root();
+    let vars = [
+        ("RTHOOKS_KERNEL", kernel.to_string()),
+        ("RTHOOKS_RESULTS_DIR", "/run/rthooks-vm/results".to_string()),
+        (
+            "RTHOOKS_BIN_DIR",
+            target_dir().join("debug").display().to_string(),
+        ),
+        ("RTHOOKS_WORKSPACE", ws.display().to_string()),
+        (
+            "RTHOOKS_USERLAND",
+            cache_dir().join("userland").display().to_string(),
+        ),
+        (
+            "RTHOOKS_SCENARIO_FILTER",
+            args.scenario.clone().unwrap_or_default(),
+        ),
+        (
+            "RTHOOKS_SCENARIO_TIMEOUT",
+            args.scenario_timeout.to_string(),
+        ),
+    ];
+    let mut s = String::from("# Written by cargo xtask e2e; run by the guest init.\n");
+    for (k, v) in vars {
+        s.push_str(&format!("export {k}={}\n", sh_quote(&v)));
+    }
+    s.push_str(&format!(
+        "exec /bin/bash {}\n",
+        sh_quote(&ws.join("vm/guest/suite.sh").display().to_string())
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_script_quotes_values() {
+        assert_eq!(sh_quote("a'b"), "'a'\\''b'");
+        let args = E2eArgs {
+            select: Select {
+                kernels: vec![],
+                all: false,
+            },
+            timeout: 1,
+            scenario_timeout: 7,
+            scenario: Some("it's".into()),
+            no_build: true,
+        };
+        let s = job_script("6.12", &args);
+        assert!(s.contains("export RTHOOKS_KERNEL='6.12'\n"));
+        assert!(s.contains("export RTHOOKS_SCENARIO_FILTER='it'\\''s'\n"));
+        assert!(s.contains("export RTHOOKS_SCENARIO_TIMEOUT='7'\n"));
+        assert!(s.lines().last().unwrap().starts_with("exec /bin/bash '"));
+    }
+}
