@@ -1,1 +1,15 @@
-//! End-to-end test support for rthooks: harnesses that drive real runtimes.
+//! End-to-end test support for rthooks: harnesses that drive real runtimes, usable from
+//! other crates' integration tests and from the VM suite.
+//!
+//! * [`debian`]: fetch and unpack Debian packages into `~/.cache/rthooks` (cached).
+//! * [`images`]: locally built `localhost/pause:1` and `localhost/busybox:1` OCI tarballs.
+//! * [`containerd`]: a private containerd (1.7.24 or 2.1.9) with NRI, in a temp dir.
+//! * [`cri`]: a CRI v1 client doing what kubelet does (pods, containers, cleanup).
+
+pub mod containerd;
+pub mod cri;
+pub mod debian;
+pub mod images;
+
+/// The CRI v1 types, re-exported for tests.
+pub use k8s_cri;

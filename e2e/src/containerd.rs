@@ -1,0 +1,449 @@
+//! A private containerd for tests: Debian's containerd (1.7.24 from trixie or 2.1.9 from
+//! sid, unpacked with `dpkg -x`), with its root, state, sockets and NRI socket in a
+//! temporary directory, NRI enabled, the host's runc, and locally built images.
+//!
+//! ```no_run
+//! # async fn t() -> anyhow::Result<()> {
+//! use rthooks_e2e::containerd::{Containerd, Release};
+//! use rthooks_e2e::cri::{ContainerSpec, PodSpec};
+//! let mut ctrd = Containerd::start(Release::V2_1).await?;
+//! let mut cri = ctrd.cri().await?;
+//! let pod = cri.run_pod(&PodSpec::new("web", "default").label("app", "web")).await?;
+//! let id = cri.create_container(&pod, &ContainerSpec {
+//!     name: "sh".into(),
+//!     image: rthooks_e2e::images::BUSYBOX_IMAGE.into(),
+//!     command: vec!["/bin/sleep".into(), "60".into()],
+//!     ..Default::default()
+//! }).await?;
+//! cri.start_container(&id).await?;
+//! cri.remove_pod(&pod).await?;
+//! ctrd.stop();
+//! # Ok(()) }
+//! ```
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::cri::Cri;
+use crate::debian::{self, Package};
+use crate::images;
+
+/// The containerd releases the suite runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// 1.7.24 (Debian trixie): NRI must be enabled in the config.
+    V1_7,
+    /// 2.1.9 (Debian sid): NRI on by default.
+    V2_1,
+}
+
+impl Release {
+    /// Both, newest first.
+    pub const ALL: [Release; 2] = [Release::V2_1, Release::V1_7];
+
+    /// The Debian package.
+    pub fn package(self) -> Package {
+        match self {
+            Release::V1_7 => Package {
+                name: "containerd",
+                suite: "trixie",
+                version_prefix: "1.7.24",
+            },
+            Release::V2_1 => Package {
+                name: "containerd",
+                suite: "sid",
+                version_prefix: "2.1.9",
+            },
+        }
+    }
+}
+
+/// Whether this process can run containers (root).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Paths of the unpacked containerd binaries.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    /// `containerd`.
+    pub containerd: PathBuf,
+    /// `ctr`.
+    pub ctr: PathBuf,
+    /// The directory holding `containerd-shim-runc-v2` (put on PATH).
+    pub bin_dir: PathBuf,
+}
+
+/// Downloads/unpacks (cached) the release and returns its binaries.
+pub fn binaries(release: Release) -> Result<Binaries> {
+    let root = debian::unpacked(&release.package())?;
+    let containerd = debian::find_file(&root, "containerd").context("no containerd binary")?;
+    let ctr = debian::find_file(&root, "ctr").context("no ctr binary")?;
+    let bin_dir = containerd.parent().unwrap().to_path_buf();
+    Ok(Binaries {
+        containerd,
+        ctr,
+        bin_dir,
+    })
+}
+
+/// The host's runc (`RTHOOKS_RUNC`, else from PATH, else `/usr/sbin/runc`).
+pub fn runc() -> PathBuf {
+    if let Some(p) = std::env::var_os("RTHOOKS_RUNC") {
+        return p.into();
+    }
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/usr/bin"])
+    {
+        let p = Path::new(dir).join("runc");
+        if p.is_file() {
+            return p;
+        }
+    }
+    PathBuf::from("/usr/sbin/runc")
+}
+
+/// Settings for [`Containerd::start_with`].
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Which containerd.
+    pub release: Release,
+    /// Enable NRI (with its socket in the temp dir).
+    pub nri: bool,
+    /// Import the pause and busybox images.
+    pub images: bool,
+}
+
+impl Options {
+    /// NRI on, images imported.
+    pub fn new(release: Release) -> Self {
+        Options {
+            release,
+            nri: true,
+            images: true,
+        }
+    }
+}
+
+/// A running private containerd.
+pub struct Containerd {
+    /// Everything lives here.
+    pub dir: tempfile::TempDir,
+    /// Options it was started with.
+    pub options: Options,
+    /// Binaries.
+    pub bins: Binaries,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    /// Starts `release` with NRI enabled and the test images imported.
+    pub async fn start(release: Release) -> Result<Self> {
+        Self::start_with(Options::new(release)).await
+    }
+
+    /// Starts containerd as `options` say.
+    pub async fn start_with(options: Options) -> Result<Self> {
+        let bins = tokio::task::spawn_blocking(move || binaries(options.release)).await??;
+        let (pause, busybox) = if options.images {
+            tokio::task::spawn_blocking(|| -> Result<_> {
+                Ok((Some(images::pause_tar()?), Some(images::busybox_tar()?)))
+            })
+            .await??
+        } else {
+            (None, None)
+        };
+        // Short paths: UNIX socket paths are limited to 108 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("rthd-")
+            .tempdir_in("/tmp")?;
+        let mut c = Containerd {
+            dir,
+            options: options.clone(),
+            bins,
+            child: None,
+        };
+        for d in [
+            "root",
+            "state",
+            "runc",
+            "cni/bin",
+            "cni/conf",
+            "logs",
+            "nri-plugins",
+            "nri-conf",
+        ] {
+            fs::create_dir_all(c.dir.path().join(d))?;
+        }
+        fs::write(c.config_path(), c.config_toml())?;
+        c.spawn()?;
+        c.wait_up().await?;
+        for (tar, base) in [(pause, "localhost/pause"), (busybox, "localhost/busybox")] {
+            if let Some(tar) = tar {
+                c.import(&tar, base)?;
+            }
+        }
+        Ok(c)
+    }
+
+    /// containerd's gRPC (CRI) socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    /// The NRI socket plugins connect to.
+    pub fn nri_socket(&self) -> PathBuf {
+        self.dir.path().join("nri.sock")
+    }
+
+    /// The config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    /// containerd's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("containerd.log")
+    }
+
+    /// The directory pods log to.
+    pub fn pod_log_root(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+
+    /// The config for this release (1.7 and 2.x name the CRI settings differently).
+    pub fn config_toml(&self) -> String {
+        let d = self.dir.path().display();
+        let runc = runc();
+        let runc = runc.display();
+        let nri = format!(
+            r#"
+[plugins."io.containerd.nri.v1.nri"]
+  disable = {disable}
+  socket_path = "{d}/nri.sock"
+  plugin_path = "{d}/nri-plugins"
+  plugin_config_path = "{d}/nri-conf"
+  plugin_registration_timeout = "5s"
+  plugin_request_timeout = "2s"
+"#,
+            disable = !self.options.nri
+        );
+        let common = format!(
+            r#"root = "{d}/root"
+state = "{d}/state"
+
+[grpc]
+  address = "{d}/containerd.sock"
+
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+
+[debug]
+  level = "info"
+"#
+        );
+        match self.options.release {
+            Release::V2_1 => format!(
+                r#"version = 3
+{common}
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+
+[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "{pause}"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+  enable_cdi = false
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+  BinaryName = "{runc}"
+  Root = "{d}/runc"
+
+[plugins."io.containerd.cri.v1.runtime".cni]
+  bin_dirs = ["{d}/cni/bin"]
+  conf_dir = "{d}/cni/conf"
+{nri}"#,
+                pause = images::PAUSE_IMAGE
+            ),
+            Release::V1_7 => format!(
+                r#"version = 2
+{common}
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  restrict_oom_score_adj = true
+  enable_cdi = false
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+  BinaryName = "{runc}"
+  Root = "{d}/runc"
+
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = "{d}/cni/bin"
+  conf_dir = "{d}/cni/conf"
+{nri}"#,
+                pause = images::PAUSE_IMAGE
+            ),
+        }
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let path = format!(
+            "{}:{}",
+            self.bins.bin_dir.display(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+        );
+        let child = Command::new(&self.bins.containerd)
+            .arg("--config")
+            .arg(self.config_path())
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bins.containerd.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    async fn wait_up(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.socket().exists() {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("containerd exited ({st}):\n{}", self.log_tail(40));
+            }
+            if Instant::now() > deadline {
+                bail!("containerd socket did not appear:\n{}", self.log_tail(40));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut cri = self.cri().await?;
+        cri.wait_ready(Duration::from_secs(30))
+            .await
+            .with_context(|| self.log_tail(40))?;
+        Ok(())
+    }
+
+    /// A CRI client for this containerd.
+    pub async fn cri(&self) -> Result<Cri> {
+        Cri::connect(&self.socket(), &self.pod_log_root()).await
+    }
+
+    /// `ctr -n k8s.io image import --base-name <base> <tar>` (tag from the layout: `1`).
+    pub fn import(&self, tar: &Path, base_name: &str) -> Result<()> {
+        let out = Command::new(&self.bins.ctr)
+            .arg("--address")
+            .arg(self.socket())
+            .args(["-n", "k8s.io", "images", "import", "--base-name", base_name])
+            .arg(tar)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "ctr import {} failed: {}",
+                tar.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// The last `n` lines of containerd's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Stops containerd (SIGTERM, then SIGKILL after 10 s). Containers keep running in
+    /// their shims, as on a real node.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Stops and starts containerd again with the same root, state and sockets.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let _ = fs::remove_file(self.socket());
+        self.spawn()?;
+        self.wait_up().await
+    }
+
+    /// Kills leftover shims of this containerd (found by our unique socket path in their
+    /// command line) and detaches mounts under our directory, so the directory can go.
+    fn reap(&mut self) {
+        let ours = self.socket().display().to_string();
+        if let Ok(rd) = fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                if cmdline.contains("containerd-shim") && cmdline.contains(&ours) {
+                    // SAFETY: a shim that our containerd started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        let root = self.dir.path().display().to_string();
+        let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+            .filter(|mp| mp.starts_with(&root))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            if let Ok(c) = std::ffi::CString::new(m) {
+                // SAFETY: a valid C string; MNT_DETACH never blocks.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.stop();
+        self.reap();
+    }
+}

@@ -1,0 +1,367 @@
+//! A CRI v1 client that drives a runtime the way kubelet does: host-network pod sandboxes
+//! (no CNI needed) with kubelet-style cgroup parents, containers from local images.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// A pod to create.
+#[derive(Clone, Debug, Default)]
+pub struct PodSpec {
+    /// Pod name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// UID (also names the pod's cgroup).
+    pub uid: String,
+    /// Pod labels (kubelet passes the pod's labels here).
+    pub labels: HashMap<String, String>,
+    /// Pod annotations.
+    pub annotations: HashMap<String, String>,
+}
+
+impl PodSpec {
+    /// A pod with a UID derived from its name and the time.
+    pub fn new(name: &str, namespace: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        PodSpec {
+            name: name.into(),
+            namespace: namespace.into(),
+            uid: format!("{:08x}-{name}", (nanos & 0xffff_ffff) as u32),
+            ..Default::default()
+        }
+    }
+
+    /// Adds a label.
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.labels.insert(k.into(), v.into());
+        self
+    }
+
+    /// kubelet's cgroupfs parent for a BestEffort pod.
+    pub fn cgroup_parent(&self) -> String {
+        format!("/kubepods/besteffort/pod{}", self.uid)
+    }
+}
+
+/// A running pod sandbox.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    /// Sandbox id.
+    pub id: String,
+    /// What it was created from.
+    pub spec: PodSpec,
+    config: cri::PodSandboxConfig,
+}
+
+/// A container to create.
+#[derive(Clone, Debug, Default)]
+pub struct ContainerSpec {
+    /// Container name.
+    pub name: String,
+    /// Image reference (e.g. [`crate::images::BUSYBOX_IMAGE`]).
+    pub image: String,
+    /// Command (entrypoint override).
+    pub command: Vec<String>,
+    /// Container annotations.
+    pub annotations: HashMap<String, String>,
+}
+
+/// CRI clients on one socket.
+#[derive(Clone)]
+pub struct Cri {
+    /// RuntimeService.
+    pub runtime: RuntimeServiceClient<Channel>,
+    /// ImageService.
+    pub images: ImageServiceClient<Channel>,
+    log_root: PathBuf,
+}
+
+impl Cri {
+    /// Connects to the CRI socket; pod logs go under `log_root`.
+    pub async fn connect(socket: &Path, log_root: &Path) -> Result<Self> {
+        let path = socket.to_path_buf();
+        let channel = Endpoint::from_static("http://[::]:50051")
+            .connect_timeout(Duration::from_secs(5))
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .with_context(|| format!("connecting to CRI at {}", socket.display()))?;
+        Ok(Cri {
+            runtime: RuntimeServiceClient::new(channel.clone()),
+            images: ImageServiceClient::new(channel),
+            log_root: log_root.to_path_buf(),
+        })
+    }
+
+    /// Waits until the runtime reports RuntimeReady (NetworkReady may stay false: pods
+    /// here use the host network).
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self
+                .runtime
+                .status(cri::StatusRequest { verbose: false })
+                .await;
+            if let Ok(r) = &r {
+                let ready = r.get_ref().status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.r#type == "RuntimeReady" && c.status)
+                });
+                if ready {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("CRI runtime not ready after {timeout:?}: {r:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// RunPodSandbox: host network, container PID namespace, kubelet-style cgroup parent.
+    pub async fn run_pod(&mut self, spec: &PodSpec) -> Result<Pod> {
+        let log_dir = self.log_root.join(&spec.uid);
+        std::fs::create_dir_all(&log_dir)?;
+        let ns = cri::NamespaceOption {
+            network: cri::NamespaceMode::Node as i32,
+            pid: cri::NamespaceMode::Container as i32,
+            ipc: cri::NamespaceMode::Pod as i32,
+            ..Default::default()
+        };
+        let config = cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: spec.name.clone(),
+                uid: spec.uid.clone(),
+                namespace: spec.namespace.clone(),
+                attempt: 0,
+            }),
+            hostname: String::new(),
+            log_directory: log_dir.display().to_string(),
+            labels: spec.labels.clone(),
+            annotations: spec.annotations.clone(),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                cgroup_parent: spec.cgroup_parent(),
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(ns),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let r = self
+            .runtime
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .context("RunPodSandbox")?;
+        Ok(Pod {
+            id: r.into_inner().pod_sandbox_id,
+            spec: spec.clone(),
+            config,
+        })
+    }
+
+    /// CreateContainer in `pod`; returns the container id.
+    pub async fn create_container(&mut self, pod: &Pod, spec: &ContainerSpec) -> Result<String> {
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: spec.name.clone(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: spec.image.clone(),
+                user_specified_image: spec.image.clone(),
+                ..Default::default()
+            }),
+            command: spec.command.clone(),
+            annotations: spec.annotations.clone(),
+            log_path: format!("{}.log", spec.name),
+            linux: Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Node as i32,
+                        pid: cri::NamespaceMode::Container as i32,
+                        ipc: cri::NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let r = self
+            .runtime
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.id.clone(),
+                config: Some(config),
+                sandbox_config: Some(pod.config.clone()),
+            })
+            .await
+            .context("CreateContainer")?;
+        Ok(r.into_inner().container_id)
+    }
+
+    /// StartContainer.
+    pub async fn start_container(&mut self, id: &str) -> Result<()> {
+        self.runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: id.into(),
+            })
+            .await
+            .context("StartContainer")?;
+        Ok(())
+    }
+
+    /// ContainerStatus (verbose); `info["info"]` is containerd's JSON with `runtimeSpec`.
+    pub async fn container_status(
+        &mut self,
+        id: &str,
+    ) -> Result<(cri::ContainerStatus, HashMap<String, String>)> {
+        let r = self
+            .runtime
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: true,
+            })
+            .await
+            .context("ContainerStatus")?
+            .into_inner();
+        Ok((r.status.context("no status")?, r.info))
+    }
+
+    /// The container's OCI runtime spec as containerd generated it (after NRI
+    /// adjustments).
+    pub async fn container_spec(&mut self, id: &str) -> Result<serde_json::Value> {
+        let (_, info) = self.container_status(id).await?;
+        let raw = info.get("info").context("no verbose info")?;
+        let v: serde_json::Value = serde_json::from_str(raw)?;
+        let spec = v.get("runtimeSpec").context("no runtimeSpec in info")?;
+        Ok(spec.clone())
+    }
+
+    /// StopContainer (timeout in seconds).
+    pub async fn stop_container(&mut self, id: &str, timeout: i64) -> Result<()> {
+        self.runtime
+            .stop_container(cri::StopContainerRequest {
+                container_id: id.into(),
+                timeout,
+            })
+            .await
+            .context("StopContainer")?;
+        Ok(())
+    }
+
+    /// RemoveContainer.
+    pub async fn remove_container(&mut self, id: &str) -> Result<()> {
+        self.runtime
+            .remove_container(cri::RemoveContainerRequest {
+                container_id: id.into(),
+            })
+            .await
+            .context("RemoveContainer")?;
+        Ok(())
+    }
+
+    /// Stops and removes a pod (and its containers), then removes its cgroups and log
+    /// directory, which kubelet (not the runtime) would clean up.
+    pub async fn remove_pod(&mut self, pod: &Pod) -> Result<()> {
+        self.runtime
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod.id.clone(),
+            })
+            .await
+            .context("StopPodSandbox")?;
+        self.runtime
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod.id.clone(),
+            })
+            .await
+            .context("RemovePodSandbox")?;
+        remove_cgroup_tree(&pod.spec.cgroup_parent());
+        let _ = std::fs::remove_dir_all(self.log_root.join(&pod.spec.uid));
+        Ok(())
+    }
+
+    /// Stops and removes every pod the runtime knows (test teardown).
+    pub async fn remove_all_pods(&mut self) -> Result<()> {
+        let pods = self
+            .runtime
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await?
+            .into_inner()
+            .items;
+        for p in pods {
+            let _ = self
+                .runtime
+                .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                    pod_sandbox_id: p.id.clone(),
+                })
+                .await;
+            let _ = self
+                .runtime
+                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                    pod_sandbox_id: p.id.clone(),
+                })
+                .await;
+            if let Some(uid) = p.metadata.map(|m| m.uid) {
+                remove_cgroup_tree(&format!("/kubepods/besteffort/pod{uid}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes `path` (a cgroup path like `/kubepods/besteffort/pod<uid>`) from every mounted
+/// cgroup hierarchy, children first. Empty parents that we created (`/kubepods/...`) are
+/// left alone: other tests may use them concurrently.
+pub fn remove_cgroup_tree(path: &str) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    for line in mounts.lines() {
+        let (pre, post) = match line.split_once(" - ") {
+            Some(x) => x,
+            None => continue,
+        };
+        let fstype = post.split_whitespace().next().unwrap_or("");
+        if fstype != "cgroup" && fstype != "cgroup2" {
+            continue;
+        }
+        let Some(mp) = pre.split_whitespace().nth(4) else {
+            continue;
+        };
+        let dir = Path::new(mp).join(path.trim_start_matches('/'));
+        rmdir_tree(&dir);
+    }
+}
+
+fn rmdir_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                rmdir_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
