@@ -1,1 +1,41 @@
-fn main() {}
+//! `rthooks-oci-hook <stage> [flags]` (run by the container runtime) and
+//! `rthooks-oci-hook install|uninstall <target> [flags]` (run by an admin or a DaemonSet).
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("install") | Some("uninstall") => match rthooks_oci_hook::install::main(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rthooks-oci-hook: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        _ => hook(args),
+    }
+}
+
+fn hook(args: Vec<std::ffi::OsString>) -> ExitCode {
+    let parsed = match rthooks_oci_hook::config::parse(args) {
+        Ok(p) => p,
+        Err(e) => e.exit(),
+    };
+    // A terminal on stdin means someone runs the hook by hand: do not wait for a state.
+    let stdin = std::io::stdin();
+    let input: Box<dyn std::io::Read> = if stdin.is_terminal() {
+        Box::new(std::io::empty())
+    } else {
+        Box::new(stdin.lock())
+    };
+    let cwd = std::env::current_dir().ok();
+    let out = rthooks_oci_hook::hook::run(parsed, input, cwd);
+    if let Some(s) = &out.stdout {
+        let _ = std::io::stdout().write_all(s.as_bytes());
+    }
+    if let Some(s) = &out.stderr {
+        let _ = writeln!(std::io::stderr(), "{s}");
+    }
+    ExitCode::from(u8::try_from(out.exit_code).unwrap_or(1))
+}

@@ -1,0 +1,460 @@
+//! One hook invocation, from argv to exit code.
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use crate::config::{Config, Parsed};
+use crate::error::Error;
+use crate::identity::Identity;
+use crate::log::{Level, LogFile};
+use crate::policy::FailurePolicy;
+use crate::{agent, cgroup, state};
+
+/// The OCI hook stages this binary accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    CreateRuntime,
+    CreateContainer,
+    Poststop,
+}
+
+impl Stage {
+    pub fn parse(s: &str) -> Result<Stage, String> {
+        match s {
+            "createRuntime" => Ok(Stage::CreateRuntime),
+            "createContainer" => Ok(Stage::CreateContainer),
+            "poststop" => Ok(Stage::Poststop),
+            other => Err(format!(
+                "unsupported hook stage {other:?}: expected createRuntime (registers the container), \
+                 createContainer or poststop; a container created with this hook is NOT registered"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::CreateRuntime => "createRuntime",
+            Stage::CreateContainer => "createContainer",
+            Stage::Poststop => "poststop",
+        }
+    }
+}
+
+/// What the process should do at exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub exit_code: i32,
+    pub stdout: Option<String>,
+    /// One line for the runtime's error message when the container is refused.
+    pub stderr: Option<String>,
+    /// The log line written (or that would have been), for tests.
+    pub log_line: Value,
+}
+
+/// Runs one invocation. `stdin` is the runtime's state JSON, `cwd` the working directory.
+pub fn run(parsed: Parsed, stdin: impl Read, cwd: Option<PathBuf>) -> Outcome {
+    let start = Instant::now();
+    let c = &parsed.config;
+    let mut warnings = parsed.warnings.clone();
+    let level_threshold = Level::parse(&c.log_level).unwrap_or_else(|| {
+        warnings.push(format!("unknown --log-level {:?}, using info", c.log_level));
+        Level::Info
+    });
+    let (policy, policy_errors) = FailurePolicy::from_config(c);
+    warnings.extend(
+        policy_errors
+            .iter()
+            .map(|e| format!("{e}; using the allow lists instead")),
+    );
+
+    if parsed.just_print_config {
+        let mut out = c.to_json();
+        out.push('\n');
+        let stderr = (!warnings.is_empty()).then(|| warnings.join("\n"));
+        return Outcome {
+            exit_code: i32::from(stderr.is_some()),
+            stdout: Some(out),
+            stderr,
+            log_line: Value::Null,
+        };
+    }
+
+    let mut line = Map::new();
+    line.insert("time".into(), json!(crate::log::rfc3339_now()));
+    let stage = match parsed.stage.as_deref().map(Stage::parse) {
+        Some(Ok(s)) => s,
+        Some(Err(e)) => {
+            return finish(
+                c,
+                line,
+                start,
+                Level::Error,
+                level_threshold,
+                "error",
+                &e,
+                warnings,
+                2,
+                Some(e.clone()),
+            );
+        }
+        None => {
+            let e = "missing hook stage argument (createRuntime, createContainer or poststop)"
+                .to_owned();
+            return finish(
+                c,
+                line,
+                start,
+                Level::Error,
+                level_threshold,
+                "error",
+                &e,
+                warnings,
+                2,
+                Some(e.clone()),
+            );
+        }
+    };
+    line.insert("stage".into(), json!(stage.as_str()));
+
+    match stage {
+        Stage::CreateContainer => finish(
+            c,
+            line,
+            start,
+            Level::Info,
+            level_threshold,
+            "nothing-to-do",
+            "createContainer needs no action",
+            warnings,
+            0,
+            None,
+        ),
+        Stage::Poststop => poststop(c, stdin, line, start, level_threshold, warnings),
+        Stage::CreateRuntime => create_runtime(
+            c,
+            &policy,
+            stdin,
+            cwd,
+            line,
+            start,
+            level_threshold,
+            warnings,
+        ),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn create_runtime(
+    c: &Config,
+    policy: &FailurePolicy,
+    stdin: impl Read,
+    cwd: Option<PathBuf>,
+    mut line: Map<String, Value>,
+    start: Instant,
+    threshold: Level,
+    mut warnings: Vec<String>,
+) -> Outcome {
+    let (st, state_err) = match state::read_state(stdin) {
+        Ok(s) => (s, None),
+        Err(e) => (None, Some(e)),
+    };
+    let bundle = state::load_bundle(st.as_ref(), cwd.as_deref());
+    let annotations: HashMap<String, String> = match &bundle {
+        Ok(b) => b.spec.annotations.clone(),
+        Err(_) => st
+            .as_ref()
+            .map(|s| s.annotations.clone())
+            .unwrap_or_default(),
+    };
+    let state_id = st.as_ref().and_then(|s| s.id.as_deref());
+    let resolved = bundle
+        .as_ref()
+        .ok()
+        .map(|b| match b.spec.cgroups_path.as_deref() {
+            Some(p) => cgroup::resolve(p),
+            None => Err(Error::NoCgroupsPath),
+        });
+    let cg = resolved
+        .as_ref()
+        .and_then(|r| r.as_ref().ok())
+        .map(String::as_str);
+    let identity =
+        Identity::from_annotations(&annotations, state_id, cg, &c.annotations_namespace_key);
+    add_identity(&mut line, &identity);
+    if let Some(id) = &identity.labels_error {
+        warnings.push(id.clone());
+    }
+    if let Some(cg) = cg {
+        line.insert("cgroups_path".into(), json!(cg));
+    }
+    if let Ok(b) = &bundle {
+        line.insert("config".into(), json!(b.config_path));
+        line.insert("root_dir".into(), json!(b.root_dir));
+        if let Some(e) = &b.strict_parse_error {
+            warnings.push(format!(
+                "oci-spec rejected {} ({e}); read it leniently",
+                b.config_path.display()
+            ));
+        }
+    }
+    if threshold <= Level::Debug {
+        line.insert("annotations".into(), json!(annotations));
+    }
+
+    // The first problem that stops us from registering, if any.
+    let input_error: Option<String> = match (&bundle, &resolved) {
+        (Err(e), _) => Some(match &state_err {
+            Some(se) => format!("{se}; and {e}"),
+            None => e.to_string(),
+        }),
+        (Ok(_), Some(Err(e))) => Some(e.to_string()),
+        _ => {
+            if let Some(se) = &state_err {
+                warnings.push(format!(
+                    "{se}; found config.json in the working directory instead"
+                ));
+            }
+            None
+        }
+    };
+
+    let error = match input_error {
+        Some(e) => e,
+        None => {
+            let bundle = bundle.as_ref().expect("checked above");
+            let cg = cg.expect("checked above");
+            if c.disable_grpc {
+                return finish(
+                    c,
+                    line,
+                    start,
+                    Level::Info,
+                    threshold,
+                    "not-sent",
+                    "--disable-grpc is set; the agent was not contacted",
+                    warnings,
+                    0,
+                    None,
+                );
+            }
+            let req = agent::create_container_request(bundle, cg, &identity, &annotations);
+            let t = Instant::now();
+            let r = agent::block_on(agent::runtime_hook(&c.grpc_address, c.grpc_timeout, req))
+                .and_then(|r| r);
+            line.insert("agent_ms".into(), json!(ms(t.elapsed())));
+            match r {
+                Ok(()) => {
+                    return finish(
+                        c,
+                        line,
+                        start,
+                        Level::Info,
+                        threshold,
+                        "registered",
+                        "the agent registered the container",
+                        warnings,
+                        0,
+                        None,
+                    )
+                }
+                Err(e) => e.to_string(),
+            }
+        }
+    };
+    line.insert("error".into(), json!(error));
+    let d = policy.decide(&annotations);
+    if d.fail {
+        let who = if identity.container_id.is_empty() {
+            "container".to_owned()
+        } else {
+            format!("container {}", identity.container_id)
+        };
+        let msg = format!(
+            "rthooks-oci-hook: refusing {who}: {error}; {} (log: {})",
+            d.reason,
+            c.log_fname.display()
+        );
+        finish(
+            c,
+            line,
+            start,
+            Level::Error,
+            threshold,
+            "refused",
+            &d.reason,
+            warnings,
+            1,
+            Some(msg),
+        )
+    } else {
+        finish(
+            c,
+            line,
+            start,
+            Level::Warn,
+            threshold,
+            "allowed-unregistered",
+            &d.reason,
+            warnings,
+            0,
+            None,
+        )
+    }
+}
+
+fn poststop(
+    c: &Config,
+    stdin: impl Read,
+    mut line: Map<String, Value>,
+    start: Instant,
+    threshold: Level,
+    warnings: Vec<String>,
+) -> Outcome {
+    // Best effort: the container is gone either way, and the agent also reaps cgroups
+    // that disappear.
+    let id = state::read_state(stdin).ok().flatten().and_then(|s| s.id);
+    let Some(id) = id else {
+        return finish(
+            c,
+            line,
+            start,
+            Level::Info,
+            threshold,
+            "nothing-to-do",
+            "no container id in the state",
+            warnings,
+            0,
+            None,
+        );
+    };
+    line.insert("container_id".into(), json!(id));
+    if c.disable_grpc {
+        return finish(
+            c,
+            line,
+            start,
+            Level::Info,
+            threshold,
+            "not-sent",
+            "--disable-grpc is set",
+            warnings,
+            0,
+            None,
+        );
+    }
+    let timeout = c.grpc_timeout.min(Duration::from_secs(1));
+    let r = agent::block_on(agent::remove_container(&c.grpc_address, timeout, &id)).and_then(|r| r);
+    match r {
+        Ok(true) => finish(
+            c,
+            line,
+            start,
+            Level::Info,
+            threshold,
+            "removed",
+            "the agent forgot the container",
+            warnings,
+            0,
+            None,
+        ),
+        Ok(false) => finish(
+            c,
+            line,
+            start,
+            Level::Info,
+            threshold,
+            "removed",
+            "the agent did not know the container",
+            warnings,
+            0,
+            None,
+        ),
+        Err(e) => {
+            line.insert("error".into(), json!(e.to_string()));
+            finish(
+                c,
+                line,
+                start,
+                Level::Warn,
+                threshold,
+                "remove-failed",
+                "ignored at poststop",
+                warnings,
+                0,
+                None,
+            )
+        }
+    }
+}
+
+fn add_identity(line: &mut Map<String, Value>, id: &Identity) {
+    for (k, v) in [
+        ("container_id", &id.container_id),
+        ("container_name", &id.container_name),
+        ("pod_namespace", &id.pod_namespace),
+        ("pod_name", &id.pod_name),
+        ("pod_uid", &id.pod_uid),
+        ("image", &id.image),
+    ] {
+        if !v.is_empty() {
+            line.insert(k.into(), json!(v));
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    c: &Config,
+    mut line: Map<String, Value>,
+    start: Instant,
+    level: Level,
+    threshold: Level,
+    decision: &str,
+    reason: &str,
+    warnings: Vec<String>,
+    exit_code: i32,
+    stderr: Option<String>,
+) -> Outcome {
+    line.insert("level".into(), json!(level.as_str()));
+    line.insert("decision".into(), json!(decision));
+    line.insert("reason".into(), json!(reason));
+    if !warnings.is_empty() {
+        line.insert("warnings".into(), json!(warnings));
+    }
+    line.insert("exit_code".into(), json!(exit_code));
+    line.insert("total_ms".into(), json!(ms(start.elapsed())));
+    line.insert("hook_pid".into(), json!(std::process::id()));
+    let line = Value::Object(line);
+    let mut stderr = stderr;
+    if level >= threshold {
+        let log = LogFile::new(
+            &c.log_fname,
+            c.log_max_size.saturating_mul(1 << 20),
+            c.log_max_backups,
+        );
+        if let Err(e) = log.append(&line.to_string()) {
+            // The log is for humans; failing to write it must not change the decision.
+            let note = format!(
+                "rthooks-oci-hook: cannot write log {}: {e}",
+                c.log_fname.display()
+            );
+            stderr = Some(match stderr {
+                Some(s) => format!("{s}\n{note}"),
+                None => note,
+            });
+        }
+    }
+    Outcome {
+        exit_code,
+        stdout: None,
+        stderr,
+        log_line: line,
+    }
+}

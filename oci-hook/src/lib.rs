@@ -1,0 +1,22 @@
+//! rthooks' OCI hook: run by the container runtime (runc, crun, via containerd, CRI-O or
+//! podman) at `createRuntime`, it tells rthooks-agent which container is being created —
+//! cgroup, pod namespace, labels, name, image — before the container's first instruction,
+//! so policies apply from its first `execve`. When the agent cannot be told, a
+//! Tetragon-compatible failure rule decides whether the container may start anyway.
+//!
+//! Modules: [`state`] (stdin state, `config.json`), [`cgroup`] (cgroupsPath forms),
+//! [`identity`] (annotations), [`config`] (flags, env, file), [`policy`] (failure rule),
+//! [`log`] (rotated JSON log), [`agent`] (gRPC), [`hook`] (one invocation),
+//! [`install`] (hooks.d, containerd base spec, containerd NRI).
+pub mod agent;
+pub mod cgroup;
+pub mod config;
+pub mod error;
+pub mod hook;
+pub mod identity;
+pub mod install;
+pub mod log;
+pub mod policy;
+pub mod state;
+
+pub use error::{Error, Result};
