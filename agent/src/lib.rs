@@ -1,1 +1,155 @@
+//! rthooks-agent: the node agent library. The binary (`src/bin/rthooks-agent.rs`) only
+//! parses its configuration and calls [`run`].
+//!
+//! Modules by concept: [`cgroup`] (cgroupsPath → cgroup id), [`identity`] (who a
+//! container is), [`policy`] (schema and selectors), [`state`] (the model and the exact map
+//! diff), [`bpf`] (programs, pins, maps), [`btf`] (kernel layout for the programs),
+//! [`server`] (gRPC), [`events`], [`metrics`], [`config`].
+pub mod agent;
+pub mod bpf;
+pub mod btf;
+pub mod cgroup;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod identity;
+pub mod metrics;
+pub mod policy;
+pub mod server;
+pub mod state;
 
+use std::sync::Arc;
+
+use anyhow::Context;
+
+pub use config::AgentConfig;
+pub use error::Error;
+
+/// Runs the agent until SIGINT/SIGTERM. Pinned programs stay attached afterwards.
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    if config.unpin {
+        bpf::Enforcer::unpin_all(&config.bpf_pin_dir)
+            .with_context(|| format!("removing {}", config.bpf_pin_dir.display()))?;
+        tracing::info!(dir = %config.bpf_pin_dir.display(), "unpinned: programs detached, enforcement stopped");
+        return Ok(());
+    }
+    let socket = rthooks_api::client::socket_path(&config.grpc_address).with_context(|| {
+        format!(
+            "--grpc-address {:?} is not unix:///absolute/path",
+            config.grpc_address
+        )
+    })?;
+    let cgroup_root = match &config.cgroup_root {
+        Some(r) => r.clone(),
+        None => cgroup::detect_root()?,
+    };
+    let mut enforcer = bpf::Enforcer::load(&config.bpf_pin_dir, config.enforcement)?;
+    tracing::info!(
+        mode = enforcer.mode.as_str(),
+        reason = %enforcer.mode_reason,
+        pins = %config.bpf_pin_dir.display(),
+        "eBPF programs attached"
+    );
+    let ring = enforcer.take_events();
+    let agent = Arc::new(agent::Agent::new(
+        enforcer,
+        &config.state_dir,
+        cgroup_root.clone(),
+        config.policy_dir.clone(),
+        config.trust_label_annotation,
+    )?);
+    agent.adopt_restored_file_policies();
+    agent.sync_policy_dir();
+
+    let events_out: Option<Box<dyn std::io::Write + Send>> = match &config.events_file {
+        None => None,
+        Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),
+        Some(p) => Some(Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening events file {}", p.display()))?,
+        )),
+    };
+    if let Some(ring) = ring {
+        tokio::spawn(events::run(agent.clone(), ring, events_out));
+    }
+
+    {
+        let agent = agent.clone();
+        let every = config.policy_poll;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let a = agent.clone();
+                let _ = tokio::task::spawn_blocking(move || a.sync_policy_dir()).await;
+            }
+        });
+    }
+    {
+        let agent = agent.clone();
+        let every = config.reconcile_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let a = agent.clone();
+                if let Ok(n) = tokio::task::spawn_blocking(move || a.reconcile()).await {
+                    if n > 0 {
+                        tracing::info!(
+                            dropped = n,
+                            "reconciliation dropped containers whose cgroup is gone"
+                        );
+                    }
+                }
+            }
+        });
+    }
+    if let Some(addr) = config.metrics_address {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics address {addr}"))?;
+        let agent = agent.clone();
+        tokio::spawn(metrics::serve(listener, move || {
+            agent.metrics.render(&agent.gauges())
+        }));
+        tracing::info!(%addr, "metrics on /metrics, health on /healthz and /readyz");
+    }
+
+    let listener = server::bind(&socket)?;
+    let incoming = server::authorized_incoming(listener, config.allow_uids.clone());
+    let (hooks, api) = server::services(agent.clone());
+    tracing::info!(socket = %socket.display(), "serving RuntimeHook and rthooks.v1.Agent");
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down; pinned programs keep enforcing");
+    };
+    tonic::transport::Server::builder()
+        .add_service(hooks)
+        .add_service(api)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("gRPC server")?;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+/// Sets up `tracing` (text or JSON on stderr).
+pub fn init_logging(format: config::LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        config::LogFormat::Json => builder.json().init(),
+        config::LogFormat::Text => builder.init(),
+    }
+}

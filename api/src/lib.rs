@@ -50,9 +50,7 @@ pub mod client {
         let path = socket_path(address).unwrap_or_else(|| PathBuf::from(address));
         // The URI is required by the API but unused: the connector dials the socket.
         let endpoint = Endpoint::from_static("http://[::]:50051").connect_timeout(connect_timeout);
-        endpoint
-            .connect_with_connector(tower_service(path))
-            .await
+        endpoint.connect_with_connector(tower_service(path)).await
     }
 
     fn tower_service(

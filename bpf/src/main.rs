@@ -31,9 +31,9 @@ use aya_ebpf::{
     programs::{LsmContext, RawTracePointContext},
 };
 use rthooks_common::{
-    path_hash_byte, Action, BinaryRules, ContainerPolicies, Event, KernelOffsets, PolicySet,
-    Settings, EVENT_CGROUP_REMOVED, EVENT_EXEC, MAX_BINARIES, MAX_CGROUP_LEVELS,
-    MAX_CONTAINERS, MAX_NAME_LEN, MAX_PATH_COMPONENTS, PATH_HASH_SEED,
+    path_hash_word, Action, BinaryRules, ContainerPolicies, Event, KernelOffsets, PolicySet,
+    Settings, EVENT_CGROUP_REMOVED, EVENT_EXEC, MAX_BINARIES, MAX_CGROUP_LEVELS, MAX_CONTAINERS,
+    MAX_NAME_LEN, MAX_PATH_COMPONENTS, PATH_HASH_SEED, PATH_HASH_WORDS,
 };
 
 #[map(name = "RTHOOKS_CONTAINERS")]
@@ -58,7 +58,7 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
 /// Scratch space for one file name component (too big for the 512-byte stack).
 #[map]
-static NAME_BUF: PerCpuArray<[u8; MAX_NAME_LEN + 1]> = PerCpuArray::with_max_entries(1, 0);
+static NAME_BUF: PerCpuArray<[u64; PATH_HASH_WORDS]> = PerCpuArray::with_max_entries(1, 0);
 
 const EPERM: i32 = 1;
 const SIGKILL: u32 = 9;
@@ -165,19 +165,25 @@ unsafe fn file_path_hash(off: &KernelOffsets, file: u64) -> Option<u64> {
         }
         let name = read_ptr(dentry, off.dentry_d_name + off.qstr_name);
         let len = read_u32(dentry, off.dentry_d_name + off.qstr_len) as usize & MAX_NAME_LEN;
+        // Zero first so that the words past the name are zero (see PATH_HASH_WORDS).
+        // Volatile stores: LLVM would otherwise turn the loop into a byte-wise memset,
+        // 256 iterations the verifier has to walk for every component.
+        let words = buf as *mut u64;
+        let mut i = 0usize;
+        while i < PATH_HASH_WORDS {
+            core::ptr::write_volatile(words.add(i), 0);
+            i += 1;
+        }
         if bpf_probe_read_kernel(buf as *mut _, len as u32, name as *const _) != 0 {
             return None;
         }
-        let bytes = &*buf;
+        let words = &*buf;
         let mut i = 0usize;
-        while i < MAX_NAME_LEN {
-            if i >= len {
-                break;
-            }
-            hash = path_hash_byte(hash, bytes[i]);
+        while i < PATH_HASH_WORDS {
+            hash = path_hash_word(hash, words[i]);
             i += 1;
         }
-        hash = path_hash_byte(hash, b'/');
+        hash = path_hash_word(hash, len as u64);
         dentry = parent;
     }
     // Deeper than we follow: no rule can match a path we could not hash.

@@ -85,14 +85,20 @@ impl PolicySet {
     #[inline(always)]
     pub fn and(&self, other: &PolicySet) -> PolicySet {
         PolicySet {
-            words: [self.words[0] & other.words[0], self.words[1] & other.words[1]],
+            words: [
+                self.words[0] & other.words[0],
+                self.words[1] & other.words[1],
+            ],
         }
     }
 
     #[inline(always)]
     pub fn or(&self, other: &PolicySet) -> PolicySet {
         PolicySet {
-            words: [self.words[0] | other.words[0], self.words[1] | other.words[1]],
+            words: [
+                self.words[0] | other.words[0],
+                self.words[1] | other.words[1],
+            ],
         }
     }
 
@@ -210,34 +216,49 @@ mod user {
     unsafe impl aya::Pod for KernelOffsets {}
 }
 
-/// FNV-1a 64 offset basis and prime: the path hash is FNV-1a over the path's components
-/// taken from the leaf up to the root, each followed by `/` ("/usr/bin/curl" hashes the
-/// bytes of "curl/bin/usr/"). The kernel walks dentries from the leaf upwards, so this
-/// order lets it hash as it goes without assembling the string.
+/// Path hash scheme. The kernel walks dentries from the leaf up, so the hash folds the
+/// path's components leaf first ("/usr/bin/curl": "curl", then "bin", then "usr"); each
+/// component is zero-padded to [`PATH_HASH_WORDS`] little-endian 8-byte words, all of
+/// which are folded, followed by its length. A fixed number of words means the kernel-side
+/// loop has no data-dependent branch: the verifier sees one straight path per component
+/// instead of one per possible name length, which keeps the walk within its limits.
 pub const PATH_HASH_SEED: u64 = 0xcbf2_9ce4_8422_2325;
-pub const PATH_HASH_PRIME: u64 = 0x0000_0100_0000_01b3;
+pub const PATH_HASH_MUL: u64 = 0x9e37_79b9_7f4a_7c15;
+/// Words per component: NAME_MAX (255) bytes rounded up.
+pub const PATH_HASH_WORDS: usize = (MAX_NAME_LEN + 1) / 8;
 
 #[inline(always)]
-pub fn path_hash_byte(hash: u64, byte: u8) -> u64 {
-    (hash ^ byte as u64).wrapping_mul(PATH_HASH_PRIME)
+pub fn path_hash_word(hash: u64, word: u64) -> u64 {
+    let h = (hash ^ word).wrapping_mul(PATH_HASH_MUL);
+    h ^ (h >> 29)
+}
+
+/// Folds one component (at most [`MAX_NAME_LEN`] bytes) into `hash`.
+pub fn path_hash_component(mut hash: u64, component: &[u8]) -> u64 {
+    let mut padded = [0u8; PATH_HASH_WORDS * 8];
+    let len = component.len().min(MAX_NAME_LEN);
+    padded[..len].copy_from_slice(&component[..len]);
+    for chunk in padded.chunks(8) {
+        hash = path_hash_word(hash, u64::from_le_bytes(chunk.try_into().unwrap()));
+    }
+    path_hash_word(hash, len as u64)
 }
 
 /// Userspace form of the kernel's path hash. `path` must be absolute and normalised
-/// (no `.`/`..`, no repeated `/`); empty components are skipped.
+/// (no `.`/`..`); empty components (repeated `/`) are skipped.
 pub fn path_hash(path: &[u8]) -> u64 {
-    let mut hash = PATH_HASH_SEED;
-    for component in path.rsplit(|b| *b == b'/').filter(|c| !c.is_empty()) {
-        for b in component {
-            hash = path_hash_byte(hash, *b);
-        }
-        hash = path_hash_byte(hash, b'/');
-    }
-    hash
+    path.rsplit(|b| *b == b'/')
+        .filter(|c| !c.is_empty())
+        .fold(PATH_HASH_SEED, path_hash_component)
 }
+
+#[cfg(test)]
+extern crate std;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::vec::Vec;
 
     #[test]
     fn path_hash_is_order_sensitive_and_ignores_repeated_slashes() {
@@ -248,12 +269,26 @@ mod tests {
     }
 
     #[test]
-    fn path_hash_matches_leaf_first_fold() {
+    fn path_hash_matches_leaf_first_word_fold() {
         let mut h = PATH_HASH_SEED;
-        for b in b"curl/bin/usr/" {
-            h = path_hash_byte(h, *b);
+        for (name, len) in [
+            (*b"curl\0\0\0\0", 4),
+            (*b"bin\0\0\0\0\0", 3),
+            (*b"usr\0\0\0\0\0", 3),
+        ] {
+            h = path_hash_word(h, u64::from_le_bytes(name));
+            for _ in 1..PATH_HASH_WORDS {
+                h = path_hash_word(h, 0);
+            }
+            h = path_hash_word(h, len);
         }
         assert_eq!(path_hash(b"/usr/bin/curl"), h);
+        // Component boundaries matter even when the bytes are the same.
+        assert_ne!(path_hash(b"/ab/c"), path_hash(b"/a/bc"));
+        assert_ne!(
+            path_hash(b"/a/b"),
+            path_hash(b"/a/b/"[..4].as_ref()).wrapping_add(1)
+        );
     }
 
     #[test]

@@ -1,0 +1,150 @@
+//! Reads the kernel's ring buffer, enriches each record with the container's identity and
+//! the policies involved, and publishes it: JSON lines (stdout or file), the gRPC event
+//! stream and the metrics.
+use std::io::Write;
+use std::sync::Arc;
+
+use aya::maps::{MapData, RingBuf};
+use rthooks_api::v1;
+use rthooks_common::{Action, Event, EVENT_CGROUP_REMOVED, EVENT_EXEC};
+use tokio::io::unix::AsyncFd;
+
+use crate::agent::{to_api_container, Agent};
+
+fn action_name(a: Action) -> &'static str {
+    match a {
+        Action::Audit => "audit",
+        Action::Kill => "kill",
+        Action::Deny => "deny",
+    }
+}
+
+/// Turns one exec record into the API event.
+pub fn enrich(agent: &Agent, ev: &Event) -> Option<v1::Event> {
+    let action = Action::from_u32(ev.action)?;
+    // In sigkill mode a Deny is carried out as a kill: report what happened.
+    let reported = match (action, agent.mode) {
+        (Action::Deny, crate::bpf::Mode::Sigkill) => Action::Kill,
+        (a, _) => a,
+    };
+    let inner = agent.inner.lock().unwrap();
+    let state = &inner.state;
+    let mut policies = Vec::new();
+    for (set, what) in [(&ev.deny, "deny"), (&ev.kill, "kill"), (&ev.audit, "audit")] {
+        for name in state.policy_names(set) {
+            policies.push(format!("{name}:{what}"));
+        }
+    }
+    let comm_len = ev
+        .comm
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(ev.comm.len());
+    Some(v1::Event {
+        time: now_rfc3339(),
+        action: action_name(reported).into(),
+        pid: ev.tgid,
+        binary: state
+            .binary_path(ev.path_hash)
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("<hash {:#x}>", ev.path_hash)),
+        cgroup_id: ev.cgroup_id,
+        container: state
+            .container(ev.container_cgroup_id)
+            .map(|c| to_api_container(state, c)),
+        policies,
+        comm: String::from_utf8_lossy(&ev.comm[..comm_len]).into_owned(),
+        enforcement_mode: agent.mode.as_str().into(),
+    })
+}
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// JSON form of an event (one line), with field names as in the proto.
+pub fn to_json(e: &v1::Event) -> serde_json::Value {
+    let c = e.container.as_ref();
+    serde_json::json!({
+        "time": e.time,
+        "action": e.action,
+        "pid": e.pid,
+        "binary": e.binary,
+        "comm": e.comm,
+        "cgroup_id": e.cgroup_id,
+        "policies": e.policies,
+        "enforcement_mode": e.enforcement_mode,
+        "container": c.map(|c| serde_json::json!({
+            "container_id": c.container_id,
+            "container_name": c.container_name,
+            "image": c.image,
+            "pod_name": c.pod_name,
+            "pod_uid": c.pod_uid,
+            "pod_namespace": c.pod_namespace,
+            "pod_labels": c.pod_labels,
+        })),
+    })
+}
+
+/// Runs until the ring buffer fails.
+pub async fn run(
+    agent: Arc<Agent>,
+    ring: RingBuf<MapData>,
+    mut sink: Option<Box<dyn Write + Send>>,
+) {
+    // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until it is dropped.
+    let mut fd = match unsafe { AsyncFd::register(ring) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(error = %std::io::Error::from(e), "cannot poll the event ring buffer; no events");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "event ring buffer failed");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        let mut records = Vec::new();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<Event>() {
+                // SAFETY: the kernel wrote an Event (same #[repr(C)] definition); read
+                // unaligned because the ring buffer only guarantees 8-byte alignment.
+                records.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) });
+            }
+        }
+        guard.clear_ready();
+        for ev in records {
+            match ev.kind {
+                EVENT_EXEC => {
+                    let Some(event) = enrich(&agent, &ev) else {
+                        continue;
+                    };
+                    agent.metrics.event(match event.action.as_str() {
+                        "deny" => "deny",
+                        "kill" => "kill",
+                        _ => "audit",
+                    });
+                    if let Some(out) = sink.as_mut() {
+                        let _ = writeln!(out, "{}", to_json(&event));
+                        let _ = out.flush();
+                    }
+                    let pod = event
+                        .container
+                        .as_ref()
+                        .map(|c| format!("{}/{}", c.pod_namespace, c.pod_name));
+                    tracing::info!(action = %event.action, binary = %event.binary, pid = event.pid, pod = ?pod, "enforcement event");
+                    let _ = agent.events.send(event);
+                }
+                EVENT_CGROUP_REMOVED => agent.cgroup_removed(ev.cgroup_id),
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! Prometheus metrics (text exposition) and the health/readiness endpoints, served by a
+//! deliberately tiny HTTP/1.1 responder: three fixed paths need no web framework.
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Upper bounds (seconds) of the RuntimeHook latency histogram.
+const BUCKETS: [f64; 10] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0,
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    hook_requests: Mutex<BTreeMap<&'static str, u64>>,
+    hook_buckets: [AtomicU64; BUCKETS.len()],
+    hook_count: AtomicU64,
+    hook_sum_ns: AtomicU64,
+    events: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// Gauges read from the agent's state at scrape time.
+pub struct Gauges {
+    pub containers: u64,
+    pub containers_not_covered: u64,
+    pub policies: u64,
+    pub map_containers: (u64, u64),
+    pub map_binaries: (u64, u64),
+    pub ring_buffer_drops: u64,
+}
+
+impl Metrics {
+    pub fn hook_request(&self, result: &'static str, elapsed: Duration) {
+        *self
+            .hook_requests
+            .lock()
+            .unwrap()
+            .entry(result)
+            .or_default() += 1;
+        let secs = elapsed.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                self.hook_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.hook_count.fetch_add(1, Ordering::Relaxed);
+        self.hook_sum_ns
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    pub fn event(&self, action: &'static str) {
+        *self.events.lock().unwrap().entry(action).or_default() += 1;
+    }
+
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut out = String::new();
+        let mut counter =
+            |name: &str, help: &str, label: &str, values: &BTreeMap<&'static str, u64>| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+                for (k, v) in values {
+                    let _ = writeln!(out, "{name}{{{label}=\"{k}\"}} {v}");
+                }
+            };
+        counter(
+            "rthooks_runtime_hook_requests_total",
+            "RuntimeHook requests by result.",
+            "result",
+            &self.hook_requests.lock().unwrap(),
+        );
+        counter(
+            "rthooks_events_total",
+            "Enforcement events by action.",
+            "action",
+            &self.events.lock().unwrap(),
+        );
+        let name = "rthooks_runtime_hook_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} RuntimeHook handling time.\n# TYPE {name} histogram"
+        );
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{b}\"}} {}",
+                self.hook_buckets[i].load(Ordering::Relaxed)
+            );
+        }
+        let count = self.hook_count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.hook_sum_ns.load(Ordering::Relaxed) as f64 / 1e9
+        );
+        let _ = writeln!(out, "{name}_count {count}");
+        let mut gauge = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        gauge(
+            "rthooks_containers",
+            "Containers the agent knows.",
+            g.containers,
+        );
+        gauge(
+            "rthooks_containers_not_covered",
+            "Containers learned of after they started (no hook ran for them).",
+            g.containers_not_covered,
+        );
+        gauge("rthooks_policies", "Loaded policies.", g.policies);
+        gauge(
+            "rthooks_ring_buffer_drops",
+            "Events the kernel could not queue.",
+            g.ring_buffer_drops,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP rthooks_map_entries BPF map entries in use.\n# TYPE rthooks_map_entries gauge"
+        );
+        let _ = writeln!(
+            out,
+            "rthooks_map_entries{{map=\"containers\"}} {}",
+            g.map_containers.0
+        );
+        let _ = writeln!(
+            out,
+            "rthooks_map_entries{{map=\"binaries\"}} {}",
+            g.map_binaries.0
+        );
+        let _ = writeln!(
+            out,
+            "# HELP rthooks_map_capacity BPF map capacity.\n# TYPE rthooks_map_capacity gauge"
+        );
+        let _ = writeln!(
+            out,
+            "rthooks_map_capacity{{map=\"containers\"}} {}",
+            g.map_containers.1
+        );
+        let _ = writeln!(
+            out,
+            "rthooks_map_capacity{{map=\"binaries\"}} {}",
+            g.map_binaries.1
+        );
+        out
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
+pub async fn serve<F>(listener: TcpListener, render: F)
+where
+    F: Fn() -> String + Send + Sync + 'static,
+{
+    let render = std::sync::Arc::new(render);
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("");
+            let (status, body, ctype) = match path {
+                "/metrics" => ("200 OK", render(), "text/plain; version=0.0.4"),
+                "/healthz" | "/readyz" => ("200 OK", "ok\n".to_string(), "text/plain"),
+                _ => ("404 Not Found", "not found\n".to_string(), "text/plain"),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_histogram_and_counters() {
+        let m = Metrics::default();
+        m.hook_request("ok", Duration::from_micros(700));
+        m.hook_request("error", Duration::from_millis(30));
+        m.event("deny");
+        let text = m.render(&Gauges {
+            containers: 3,
+            containers_not_covered: 1,
+            policies: 2,
+            map_containers: (1, 65536),
+            map_binaries: (2, 16384),
+            ring_buffer_drops: 0,
+        });
+        assert!(text.contains("rthooks_runtime_hook_requests_total{result=\"ok\"} 1"));
+        assert!(text.contains("rthooks_runtime_hook_duration_seconds_bucket{le=\"0.001\"} 1"));
+        assert!(text.contains("rthooks_runtime_hook_duration_seconds_bucket{le=\"0.05\"} 2"));
+        assert!(text.contains("rthooks_runtime_hook_duration_seconds_count 2"));
+        assert!(text.contains("rthooks_events_total{action=\"deny\"} 1"));
+        assert!(text.contains("rthooks_containers_not_covered 1"));
+    }
+}

@@ -1,0 +1,827 @@
+//! The agent's model: known containers, loaded policies (each in a slot 0..128), and a
+//! mirror of what the BPF maps hold, so that every change writes exactly the map entries
+//! whose value changes — nothing more, and nothing is left behind.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use rthooks_common::{path_hash, BinaryRules, PolicySet, MAX_POLICIES};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::identity::ContainerIdentity;
+use crate::policy::{Policy, PolicyKey, RuleAction};
+
+/// Where map writes go: the pinned BPF maps in the agent, a recorder in tests.
+pub trait MapSink {
+    fn set_container(&mut self, cgroup_id: u64, policies: PolicySet) -> Result<(), Error>;
+    fn remove_container(&mut self, cgroup_id: u64) -> Result<(), Error>;
+    fn set_binary(&mut self, hash: u64, rules: BinaryRules) -> Result<(), Error>;
+    fn remove_binary(&mut self, hash: u64) -> Result<(), Error>;
+    fn set_cgroup_levels(&mut self, levels: u64) -> Result<(), Error>;
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub identity: ContainerIdentity,
+    pub cgroup_id: u64,
+    /// Relative to the cgroup v2 root.
+    pub cgroup_path: String,
+    pub level: u32,
+    /// True when our hook registered it before it started.
+    pub covered: bool,
+    /// "hook", "nri-sync", ...
+    pub source: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PolicySource {
+    File(PathBuf),
+    Api,
+}
+
+impl std::fmt::Display for PolicySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicySource::File(p) => write!(f, "file:{}", p.display()),
+            PolicySource::Api => f.write_str("api"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub policy: Policy,
+    pub slot: usize,
+    pub source: PolicySource,
+}
+
+/// What is persisted so that a restarted agent rebuilds exactly the same maps.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub containers: Vec<ContainerRecord>,
+    pub policies: Vec<PolicyRecord>,
+}
+
+#[derive(Default)]
+pub struct State {
+    containers: BTreeMap<u64, ContainerRecord>,
+    policies: BTreeMap<PolicyKey, PolicyRecord>,
+    slots: Vec<Option<PolicyKey>>,
+    /// Mirror of the maps' contents.
+    map_containers: HashMap<u64, PolicySet>,
+    map_binaries: HashMap<u64, BinaryRules>,
+    map_levels: u64,
+    /// Path of every binary any policy names (for events and removal).
+    binary_paths: HashMap<u64, String>,
+}
+
+impl State {
+    pub fn new() -> State {
+        State {
+            slots: vec![None; MAX_POLICIES],
+            ..Default::default()
+        }
+    }
+
+    /// Starts from what the pinned maps already hold (after an agent restart), so that
+    /// the first sync removes stale entries and rewrites only what differs.
+    pub fn with_map_contents(
+        containers: HashMap<u64, PolicySet>,
+        binaries: HashMap<u64, BinaryRules>,
+        levels: u64,
+    ) -> State {
+        State {
+            map_containers: containers,
+            map_binaries: binaries,
+            map_levels: levels,
+            ..State::new()
+        }
+    }
+
+    pub fn containers(&self) -> impl Iterator<Item = &ContainerRecord> {
+        self.containers.values()
+    }
+
+    pub fn container(&self, cgroup_id: u64) -> Option<&ContainerRecord> {
+        self.containers.get(&cgroup_id)
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = &PolicyRecord> {
+        self.policies.values()
+    }
+
+    pub fn policy_in_slot(&self, slot: usize) -> Option<&PolicyRecord> {
+        self.slots
+            .get(slot)?
+            .as_ref()
+            .and_then(|k| self.policies.get(k))
+    }
+
+    pub fn binary_path(&self, hash: u64) -> Option<&str> {
+        self.binary_paths.get(&hash).map(String::as_str)
+    }
+
+    pub fn map_fill(&self) -> (usize, usize) {
+        (self.map_containers.len(), self.map_binaries.len())
+    }
+
+    /// Policies (by key) that select `identity`.
+    pub fn selecting(&self, identity: &ContainerIdentity) -> Vec<&PolicyRecord> {
+        self.policies
+            .values()
+            .filter(|p| p.policy.selects(identity))
+            .collect()
+    }
+
+    fn policy_set_for(&self, identity: &ContainerIdentity) -> PolicySet {
+        let mut set = PolicySet::EMPTY;
+        for p in self.selecting(identity) {
+            set.insert(p.slot);
+        }
+        set
+    }
+
+    /// Adds or replaces a container (keyed by cgroup id; a container id seen before under
+    /// another cgroup is moved).
+    pub fn upsert_container(
+        &mut self,
+        rec: ContainerRecord,
+        sink: &mut dyn MapSink,
+    ) -> Result<(), Error> {
+        if rec.level == 0 {
+            return Err(Error::Cgroup {
+                path: "/".into(),
+                reason: "refusing to register the root cgroup as a container".into(),
+            });
+        }
+        let moved: Vec<u64> = self
+            .containers
+            .values()
+            .filter(|c| {
+                c.identity.container_id == rec.identity.container_id && c.cgroup_id != rec.cgroup_id
+            })
+            .map(|c| c.cgroup_id)
+            .collect();
+        let id = rec.cgroup_id;
+        let previous = self.containers.insert(id, rec);
+        if let Err(e) = self.sync_container(id, sink) {
+            // Leave the model as it was: the caller's request failed.
+            match previous {
+                Some(p) => self.containers.insert(id, p),
+                None => self.containers.remove(&id),
+            };
+            self.sync_container(id, sink).ok();
+            return Err(e);
+        }
+        for old in moved {
+            self.remove_container(old, sink)?;
+        }
+        Ok(())
+    }
+
+    pub fn remove_container(
+        &mut self,
+        cgroup_id: u64,
+        sink: &mut dyn MapSink,
+    ) -> Result<Option<ContainerRecord>, Error> {
+        let rec = self.containers.remove(&cgroup_id);
+        self.sync_container(cgroup_id, sink)?;
+        Ok(rec)
+    }
+
+    /// Forgets a container whose cgroup the kernel already removed (its map entry went
+    /// with it, deleted by the BPF program).
+    pub fn forget_removed_cgroup(
+        &mut self,
+        cgroup_id: u64,
+        sink: &mut dyn MapSink,
+    ) -> Result<Option<ContainerRecord>, Error> {
+        self.map_containers.remove(&cgroup_id);
+        self.remove_container(cgroup_id, sink)
+    }
+
+    pub fn cgroup_of_container_id(&self, container_id: &str) -> Option<u64> {
+        self.containers
+            .values()
+            .find(|c| c.identity.container_id == container_id)
+            .map(|c| c.cgroup_id)
+    }
+
+    /// Replaces a container's labels (a newer pod version from the API).
+    pub fn set_labels(
+        &mut self,
+        cgroup_id: u64,
+        labels: BTreeMap<String, String>,
+        sink: &mut dyn MapSink,
+    ) -> Result<bool, Error> {
+        let Some(c) = self.containers.get_mut(&cgroup_id) else {
+            return Ok(false);
+        };
+        c.identity.pod_labels = labels;
+        self.sync_container(cgroup_id, sink)?;
+        Ok(true)
+    }
+
+    /// Adds or replaces a policy; returns its slot.
+    pub fn upsert_policy(
+        &mut self,
+        policy: Policy,
+        source: PolicySource,
+        sink: &mut dyn MapSink,
+    ) -> Result<usize, Error> {
+        policy.validate()?;
+        let key = policy.key();
+        let (slot, old_binaries) = match self.policies.get(&key) {
+            Some(existing) => {
+                if matches!(existing.source, PolicySource::File(_)) && source == PolicySource::Api {
+                    return Err(Error::PolicyFromFile(key.to_string()));
+                }
+                (
+                    existing.slot,
+                    existing.policy.binary_actions().into_keys().collect(),
+                )
+            }
+            None => (
+                self.slots
+                    .iter()
+                    .position(Option::is_none)
+                    .ok_or(Error::NoPolicySlot(MAX_POLICIES))?,
+                BTreeSet::new(),
+            ),
+        };
+        self.place_policy(
+            PolicyRecord {
+                policy,
+                slot,
+                source,
+            },
+            old_binaries,
+            sink,
+        )?;
+        Ok(slot)
+    }
+
+    fn place_policy(
+        &mut self,
+        rec: PolicyRecord,
+        old_binaries: BTreeSet<String>,
+        sink: &mut dyn MapSink,
+    ) -> Result<(), Error> {
+        let key = rec.policy.key();
+        let mut binaries = old_binaries;
+        binaries.extend(rec.policy.binary_actions().into_keys());
+        self.slots[rec.slot] = Some(key.clone());
+        self.policies.insert(key, rec);
+        self.sync_binaries(&binaries, sink)?;
+        self.sync_all_containers(sink)
+    }
+
+    pub fn delete_policy(
+        &mut self,
+        key: &PolicyKey,
+        sink: &mut dyn MapSink,
+    ) -> Result<PolicyRecord, Error> {
+        let rec = self
+            .policies
+            .remove(key)
+            .ok_or_else(|| Error::PolicyNotFound(key.to_string()))?;
+        self.slots[rec.slot] = None;
+        // Containers first, so that no container carries a slot whose rules are gone
+        // while a new policy could take the slot.
+        self.sync_all_containers(sink)?;
+        let binaries = rec.policy.binary_actions().into_keys().collect();
+        self.sync_binaries(&binaries, sink)?;
+        Ok(rec)
+    }
+
+    fn sync_all_containers(&mut self, sink: &mut dyn MapSink) -> Result<(), Error> {
+        let ids: Vec<u64> = self
+            .containers
+            .keys()
+            .chain(self.map_containers.keys())
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for id in ids {
+            self.sync_container_entry(id, sink)?;
+        }
+        self.sync_levels(sink)
+    }
+
+    fn sync_container(&mut self, cgroup_id: u64, sink: &mut dyn MapSink) -> Result<(), Error> {
+        self.sync_container_entry(cgroup_id, sink)?;
+        self.sync_levels(sink)
+    }
+
+    fn sync_container_entry(
+        &mut self,
+        cgroup_id: u64,
+        sink: &mut dyn MapSink,
+    ) -> Result<(), Error> {
+        let desired = self
+            .containers
+            .get(&cgroup_id)
+            .map(|c| self.policy_set_for(&c.identity))
+            .unwrap_or_default();
+        let current = self.map_containers.get(&cgroup_id).copied();
+        match (current, desired.is_empty()) {
+            (Some(_), true) => {
+                sink.remove_container(cgroup_id)?;
+                self.map_containers.remove(&cgroup_id);
+            }
+            (Some(cur), false) if cur == desired => {}
+            (_, false) => {
+                sink.set_container(cgroup_id, desired)?;
+                self.map_containers.insert(cgroup_id, desired);
+            }
+            (None, true) => {}
+        }
+        Ok(())
+    }
+
+    fn sync_levels(&mut self, sink: &mut dyn MapSink) -> Result<(), Error> {
+        let levels = self
+            .map_containers
+            .keys()
+            .filter_map(|id| self.containers.get(id))
+            .fold(0u64, |acc, c| acc | (1u64 << c.level));
+        if levels != self.map_levels {
+            sink.set_cgroup_levels(levels)?;
+            self.map_levels = levels;
+        }
+        Ok(())
+    }
+
+    fn sync_binaries(
+        &mut self,
+        paths: &BTreeSet<String>,
+        sink: &mut dyn MapSink,
+    ) -> Result<(), Error> {
+        for path in paths {
+            let hash = path_hash(path.as_bytes());
+            let mut rules = BinaryRules::default();
+            for rec in self.policies.values() {
+                match rec.policy.binary_actions().get(path) {
+                    Some(RuleAction::Deny) => rules.deny.insert(rec.slot),
+                    Some(RuleAction::Kill) => rules.kill.insert(rec.slot),
+                    Some(RuleAction::Audit) => rules.audit.insert(rec.slot),
+                    None => {}
+                }
+            }
+            let empty = rules == BinaryRules::default();
+            match (self.map_binaries.get(&hash), empty) {
+                (Some(_), true) => {
+                    sink.remove_binary(hash)?;
+                    self.map_binaries.remove(&hash);
+                    self.binary_paths.remove(&hash);
+                }
+                (Some(cur), false) if *cur == rules => {}
+                (_, false) => {
+                    sink.set_binary(hash, rules)?;
+                    self.map_binaries.insert(hash, rules);
+                    self.binary_paths.insert(hash, path.clone());
+                }
+                (None, true) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes map entries no longer wanted (binaries of policies that disappeared while
+    /// the agent was down) and writes everything else that differs.
+    pub fn full_sync(&mut self, sink: &mut dyn MapSink) -> Result<(), Error> {
+        let wanted: BTreeSet<String> = self
+            .policies
+            .values()
+            .flat_map(|p| p.policy.binary_actions().into_keys())
+            .collect();
+        let wanted_hashes: BTreeSet<u64> = wanted.iter().map(|p| path_hash(p.as_bytes())).collect();
+        for hash in self.map_binaries.keys().copied().collect::<Vec<_>>() {
+            if !wanted_hashes.contains(&hash) {
+                sink.remove_binary(hash)?;
+                self.map_binaries.remove(&hash);
+            }
+        }
+        // Entries read back from the maps have no path yet: forget the mirror for wanted
+        // hashes so they are rewritten with their path known.
+        for p in &wanted {
+            self.binary_paths.insert(path_hash(p.as_bytes()), p.clone());
+        }
+        self.sync_binaries(&wanted, sink)?;
+        self.sync_all_containers(sink)?;
+        // Force the levels word to be written once (it may be stale in the map).
+        sink.set_cgroup_levels(self.map_levels)
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            containers: self.containers.values().cloned().collect(),
+            policies: self.policies.values().cloned().collect(),
+        }
+    }
+
+    /// Restores a snapshot's containers and policies (slots kept) without touching the
+    /// maps; call [`State::full_sync`] afterwards.
+    pub fn restore(&mut self, snapshot: Snapshot) {
+        for c in snapshot.containers {
+            self.containers.insert(c.cgroup_id, c);
+        }
+        for p in snapshot.policies {
+            if p.slot < MAX_POLICIES && self.slots[p.slot].is_none() {
+                let key = p.policy.key();
+                self.slots[p.slot] = Some(key.clone());
+                self.policies.insert(key, p);
+            }
+        }
+    }
+
+    /// Which policies, by slot, of a set (for events).
+    pub fn policy_names(&self, set: &PolicySet) -> Vec<String> {
+        set.slots()
+            .filter_map(|s| self.policy_in_slot(s))
+            .map(|p| p.policy.key().to_string())
+            .collect()
+    }
+}
+
+/// Persistence: one small file per container (written before the hook is answered, so
+/// its cost does not grow with the number of containers) and one file for the policies.
+/// Every write goes through a temp file and a rename, so a crash never leaves half a file.
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Store, Error> {
+        let containers = dir.join("containers");
+        std::fs::create_dir_all(&containers).map_err(|e| Error::io(&containers, e))?;
+        Ok(Store {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, data).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+
+    fn container_path(&self, cgroup_id: u64) -> PathBuf {
+        self.dir
+            .join("containers")
+            .join(format!("{cgroup_id}.json"))
+    }
+
+    pub fn save_container(&self, rec: &ContainerRecord) -> Result<(), Error> {
+        let data = serde_json::to_vec(rec).expect("container record serialises");
+        Self::write_atomic(&self.container_path(rec.cgroup_id), &data)
+    }
+
+    pub fn delete_container(&self, cgroup_id: u64) -> Result<(), Error> {
+        let path = self.container_path(cgroup_id);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&path, e)),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn save_policies<'a>(
+        &self,
+        policies: impl Iterator<Item = &'a PolicyRecord>,
+    ) -> Result<(), Error> {
+        let list: Vec<&PolicyRecord> = policies.collect();
+        let data = serde_json::to_vec_pretty(&list).expect("policies serialise");
+        Self::write_atomic(&self.dir.join("policies.json"), &data)
+    }
+
+    /// Everything saved; unreadable entries are skipped with a warning (they are rebuilt
+    /// from the next hook call or reconciliation), never fatal.
+    pub fn load(&self) -> Result<Snapshot, Error> {
+        let mut snap = Snapshot::default();
+        let policies = self.dir.join("policies.json");
+        match std::fs::read(&policies) {
+            Ok(data) => match serde_json::from_slice(&data) {
+                Ok(p) => snap.policies = p,
+                Err(e) => {
+                    tracing::warn!(path = %policies.display(), error = %e, "ignoring unreadable policy state")
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&policies, e)),
+        }
+        let dir = self.dir.join("containers");
+        for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let path = entry.map_err(|e| Error::io(&dir, e))?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match std::fs::read(&path)
+                .ok()
+                .and_then(|d| serde_json::from_slice(&d).ok())
+            {
+                Some(rec) => snap.containers.push(rec),
+                None => {
+                    tracing::warn!(path = %path.display(), "ignoring unreadable container state")
+                }
+            }
+        }
+        Ok(snap)
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+    use crate::policy::parse_policies;
+
+    /// Records map contents like the kernel would hold them, and counts writes.
+    #[derive(Default)]
+    pub struct FakeMaps {
+        pub containers: HashMap<u64, PolicySet>,
+        pub binaries: HashMap<u64, BinaryRules>,
+        pub levels: u64,
+        pub writes: usize,
+        pub fail_container_writes: bool,
+    }
+
+    impl MapSink for FakeMaps {
+        fn set_container(&mut self, id: u64, p: PolicySet) -> Result<(), Error> {
+            if self.fail_container_writes {
+                return Err(Error::Map {
+                    map: "containers",
+                    reason: "full".into(),
+                });
+            }
+            self.writes += 1;
+            self.containers.insert(id, p);
+            Ok(())
+        }
+        fn remove_container(&mut self, id: u64) -> Result<(), Error> {
+            self.writes += 1;
+            self.containers.remove(&id);
+            Ok(())
+        }
+        fn set_binary(&mut self, h: u64, r: BinaryRules) -> Result<(), Error> {
+            self.writes += 1;
+            self.binaries.insert(h, r);
+            Ok(())
+        }
+        fn remove_binary(&mut self, h: u64) -> Result<(), Error> {
+            self.writes += 1;
+            self.binaries.remove(&h);
+            Ok(())
+        }
+        fn set_cgroup_levels(&mut self, l: u64) -> Result<(), Error> {
+            self.writes += 1;
+            self.levels = l;
+            Ok(())
+        }
+    }
+
+    fn policy(name: &str, app: &str, binary: &str, action: &str) -> Policy {
+        parse_policies(&format!(
+            "apiVersion: rthooks.io/v1alpha1\nkind: RuntimePolicy\nmetadata: {{name: {name}}}\n\
+             spec:\n  podSelector: {{matchLabels: {{app: {app}}}}}\n  rules: [{{binaries: [{binary}], action: {action}}}]\n"
+        ))
+        .unwrap()
+        .remove(0)
+    }
+
+    fn container(cgroup: u64, id: &str, app: &str) -> ContainerRecord {
+        ContainerRecord {
+            identity: ContainerIdentity {
+                container_id: id.into(),
+                pod_namespace: "default".into(),
+                pod_labels: [("app".to_string(), app.to_string())].into(),
+                ..Default::default()
+            },
+            cgroup_id: cgroup,
+            cgroup_path: format!("kubepods/{id}"),
+            level: 2,
+            covered: true,
+            source: "hook".into(),
+        }
+    }
+
+    #[test]
+    fn container_and_policy_changes_write_only_affected_entries() {
+        let mut s = State::new();
+        let mut m = FakeMaps::default();
+        s.upsert_container(container(10, "a", "web"), &mut m)
+            .unwrap();
+        s.upsert_container(container(11, "b", "db"), &mut m)
+            .unwrap();
+        assert!(m.containers.is_empty(), "no policy, no entries");
+        let slot = s
+            .upsert_policy(
+                policy("deny-curl", "web", "/usr/bin/curl", "Deny"),
+                PolicySource::Api,
+                &mut m,
+            )
+            .unwrap();
+        assert_eq!(m.containers.len(), 1);
+        assert!(m.containers[&10].contains(slot));
+        assert_eq!(m.levels, 1 << 2);
+        let h = path_hash(b"/usr/bin/curl");
+        assert!(m.binaries[&h].deny.contains(slot));
+
+        // A third container that does not match: no write at all.
+        let before = m.writes;
+        s.upsert_container(container(12, "c", "db"), &mut m)
+            .unwrap();
+        assert_eq!(m.writes, before);
+
+        // Label change stops the match: exactly the one entry (+ levels) changes.
+        s.set_labels(
+            10,
+            [("app".to_string(), "other".to_string())].into(),
+            &mut m,
+        )
+        .unwrap();
+        assert!(m.containers.is_empty());
+        assert_eq!(m.levels, 0);
+        s.set_labels(10, [("app".to_string(), "web".to_string())].into(), &mut m)
+            .unwrap();
+        assert_eq!(m.containers.len(), 1);
+
+        // Deleting the policy removes every entry it created.
+        s.delete_policy(
+            &PolicyKey {
+                namespace: None,
+                name: "deny-curl".into(),
+            },
+            &mut m,
+        )
+        .unwrap();
+        assert!(m.containers.is_empty() && m.binaries.is_empty());
+    }
+
+    #[test]
+    fn strongest_action_and_all_audits_are_kept_across_policies() {
+        let mut s = State::new();
+        let mut m = FakeMaps::default();
+        let a = s
+            .upsert_policy(
+                policy("a", "web", "/bin/x", "Audit"),
+                PolicySource::Api,
+                &mut m,
+            )
+            .unwrap();
+        let b = s
+            .upsert_policy(
+                policy("b", "web", "/bin/x", "Deny"),
+                PolicySource::Api,
+                &mut m,
+            )
+            .unwrap();
+        let r = m.binaries[&path_hash(b"/bin/x")];
+        assert!(r.audit.contains(a) && r.deny.contains(b) && !r.deny.contains(a));
+    }
+
+    #[test]
+    fn removal_returns_maps_to_their_size_before() {
+        let mut s = State::new();
+        let mut m = FakeMaps::default();
+        s.upsert_policy(
+            policy("p", "web", "/bin/x", "Kill"),
+            PolicySource::Api,
+            &mut m,
+        )
+        .unwrap();
+        let (c0, b0) = (m.containers.len(), m.binaries.len());
+        for i in 0..1000u64 {
+            s.upsert_container(container(100 + i, &format!("c{i}"), "web"), &mut m)
+                .unwrap();
+        }
+        assert_eq!(m.containers.len(), 1000);
+        for i in 0..1000u64 {
+            s.remove_container(100 + i, &mut m).unwrap();
+        }
+        assert_eq!((m.containers.len(), m.binaries.len()), (c0, b0));
+        assert_eq!(s.containers().count(), 0);
+    }
+
+    #[test]
+    fn failed_map_write_leaves_state_unchanged() {
+        let mut s = State::new();
+        let mut m = FakeMaps::default();
+        s.upsert_policy(
+            policy("p", "web", "/bin/x", "Deny"),
+            PolicySource::Api,
+            &mut m,
+        )
+        .unwrap();
+        m.fail_container_writes = true;
+        assert!(s
+            .upsert_container(container(5, "a", "web"), &mut m)
+            .is_err());
+        assert_eq!(s.containers().count(), 0);
+        assert!(m.containers.is_empty());
+    }
+
+    #[test]
+    fn slots_are_limited_and_reused() {
+        let mut s = State::new();
+        let mut m = FakeMaps::default();
+        for i in 0..MAX_POLICIES {
+            s.upsert_policy(
+                policy(&format!("p{i}"), "web", "/bin/x", "Audit"),
+                PolicySource::Api,
+                &mut m,
+            )
+            .unwrap();
+        }
+        let e = s.upsert_policy(
+            policy("one-more", "web", "/bin/x", "Audit"),
+            PolicySource::Api,
+            &mut m,
+        );
+        assert!(matches!(e, Err(Error::NoPolicySlot(_))));
+        s.delete_policy(
+            &PolicyKey {
+                namespace: None,
+                name: "p7".into(),
+            },
+            &mut m,
+        )
+        .unwrap();
+        assert_eq!(
+            s.upsert_policy(
+                policy("one-more", "web", "/bin/x", "Audit"),
+                PolicySource::Api,
+                &mut m
+            )
+            .unwrap(),
+            7
+        );
+    }
+
+    #[test]
+    fn file_policies_cannot_be_replaced_through_the_api() {
+        let mut s = State::new();
+        let mut m = FakeMaps::default();
+        s.upsert_policy(
+            policy("p", "web", "/bin/x", "Deny"),
+            PolicySource::File("/p.yaml".into()),
+            &mut m,
+        )
+        .unwrap();
+        assert!(matches!(
+            s.upsert_policy(
+                policy("p", "web", "/bin/y", "Deny"),
+                PolicySource::Api,
+                &mut m
+            ),
+            Err(Error::PolicyFromFile(_))
+        ));
+    }
+
+    #[test]
+    fn store_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let mut s = State::new();
+        let mut m = FakeMaps::default();
+        s.upsert_policy(
+            policy("p", "web", "/bin/x", "Deny"),
+            PolicySource::Api,
+            &mut m,
+        )
+        .unwrap();
+        store.save_policies(s.policies()).unwrap();
+        store.save_container(&container(10, "a", "web")).unwrap();
+        store.save_container(&container(11, "b", "web")).unwrap();
+        store.delete_container(11).unwrap();
+        std::fs::write(tmp.path().join("containers/12.json"), b"{garbage").unwrap();
+        let snap = store.load().unwrap();
+        assert_eq!(snap.containers, [container(10, "a", "web")]);
+        assert_eq!(snap.policies.len(), 1);
+        assert_eq!(snap.policies[0].slot, 0);
+    }
+
+    #[test]
+    fn restart_rebuilds_exactly_and_drops_stale_entries() {
+        let mut s = State::new();
+        let mut m = FakeMaps::default();
+        s.upsert_policy(
+            policy("p", "web", "/bin/x", "Deny"),
+            PolicySource::Api,
+            &mut m,
+        )
+        .unwrap();
+        s.upsert_container(container(10, "a", "web"), &mut m)
+            .unwrap();
+        let snap = s.snapshot();
+        // A stale entry from some earlier life of the maps.
+        m.containers.insert(999, PolicySet::EMPTY);
+        m.binaries.insert(42, BinaryRules::default());
+        let (containers, binaries) = (m.containers.clone(), m.binaries.clone());
+        let mut s2 = State::with_map_contents(containers, binaries, m.levels);
+        s2.restore(snap);
+        s2.full_sync(&mut m).unwrap();
+        assert_eq!(m.containers.keys().copied().collect::<Vec<_>>(), [10]);
+        assert_eq!(m.binaries.len(), 1);
+        assert_eq!(s2.policy_names(&m.containers[&10]), ["p"]);
+    }
+}
