@@ -6,6 +6,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod run;
 mod setup;
 mod util;
 mod vm;
@@ -29,6 +30,12 @@ enum Command {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Build and start the agent here with the sample policies (deploy/policies).
+    RunAgent {
+        /// Extra agent flags (see `rthooks-agent --help`).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
     /// Fetch and unpack the VM kernels and guest userland; build the initramfs.
     Vm(vm::Select),
     /// Boot each kernel in QEMU, run the e2e suite inside, print the kernel matrix.
@@ -42,6 +49,7 @@ fn main() -> Result<()> {
         Command::Setup => Ok(()),
         Command::Build => util::cargo(&["build", "--release", "--workspace", "--bins"]),
         Command::Test { args } => test(&args),
+        Command::RunAgent { args } => run::run_agent(&args),
         Command::Vm(select) => vm::vm(&select),
         Command::E2e(args) => vm::e2e(&args),
     }
