@@ -53,6 +53,8 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
         .with_writer(std::io::stderr)
+        // Plain text when logging to a file or journald.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // Take NRI_PLUGIN_SOCKET before any thread starts (it owns an fd and edits the env).
     let config = RunnerConfig::new(&args.name, &args.idx, &args.socket)

@@ -77,9 +77,23 @@ impl HookSpec {
     }
 }
 
-/// The pod's labels as a JSON object with sorted keys (stable across calls).
+/// Labels the runtime or kubelet add to a sandbox's CRI labels that are not the pod's
+/// Kubernetes labels (policies select on the labels the Kubernetes API shows).
+pub fn is_runtime_label(key: &str) -> bool {
+    key.starts_with("io.cri-containerd.")
+        || matches!(
+            key,
+            "io.kubernetes.pod.name" | "io.kubernetes.pod.namespace" | "io.kubernetes.pod.uid"
+        )
+}
+
+/// The pod's Kubernetes labels as a JSON object with sorted keys (stable across calls),
+/// without the runtime's and kubelet's own bookkeeping labels.
 pub fn labels_json(labels: &HashMap<String, String>) -> String {
-    let sorted: BTreeMap<&String, &String> = labels.iter().collect();
+    let sorted: BTreeMap<&String, &String> = labels
+        .iter()
+        .filter(|(k, _)| !is_runtime_label(k))
+        .collect();
     serde_json::to_string(&sorted).expect("string map serializes")
 }
 
@@ -98,11 +112,9 @@ pub fn create_response(
     ctr: &Container,
 ) -> api::CreateContainerResponse {
     let mut adjust = api::ContainerAdjustment::new();
-    // NRI's "remove" marker first, then the value: together they replace a value the
-    // container brought along instead of merging with it.
-    adjust
-        .annotations
-        .insert(format!("-{POD_LABELS_ANNOTATION}"), String::new());
+    // Setting the key overwrites any value the container brought along. No "-key" removal
+    // marker with it: the runtime applies the adjustment map in random order, so a marker
+    // can delete the value we set (seen with containerd 2.1).
     adjust
         .annotations
         .insert(POD_LABELS_ANNOTATION.into(), labels_json(&pod.labels));
@@ -339,6 +351,11 @@ mod tests {
         p.namespace = "prod".into();
         p.labels.insert("app".into(), "web".into());
         p.labels.insert("tier".into(), "frontend".into());
+        // Bookkeeping labels containerd and kubelet add: not the pod's labels.
+        p.labels
+            .insert("io.cri-containerd.kind".into(), "sandbox".into());
+        p.labels
+            .insert("io.kubernetes.pod.uid".into(), "uid-1".into());
         p
     }
 
