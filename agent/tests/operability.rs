@@ -1,0 +1,168 @@
+//! Operability of the real agent: metrics and health endpoints, the event stream, JSON
+//! logs, rthooksctl, and containers reported without a hook.
+mod common;
+
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use rthooks_api::v1;
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn rthooksctl(agent: &Agent, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_rthooksctl"))
+        .arg(format!("--address=unix://{}", agent.socket.display()))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rthooksctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn metrics_events_stream_logs_and_cli() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let addr = format!("127.0.0.1:{}", free_port());
+    let agent = Agent::start(&[
+        "--trust-label-annotation",
+        "--log-format=json",
+        &format!("--metrics-address={addr}"),
+    ]);
+    let victim = Victim::new();
+    let policy_file = victim.dir.path().join("p.yaml");
+    std::fs::write(
+        &policy_file,
+        policy_yaml("deny-victim", "web", &victim.path, "Deny"),
+    )
+    .unwrap();
+    assert!(
+        rthooksctl(&agent, &["policies", "add", policy_file.to_str().unwrap()]).contains("slot 0")
+    );
+
+    let pod = Cgroup::new("rthooks-pod");
+    agent
+        .runtime_hook(hook_request(&pod, "c-ops", r#"{"app":"web"}"#))
+        .unwrap();
+
+    // Subscribe to the stream before the exec, then expect the event on it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let socket = agent.socket.to_str().unwrap().to_string();
+    let mut stream = rt.block_on(async {
+        let ch = rthooks_api::client::connect_unix(&socket, Duration::from_secs(5))
+            .await
+            .unwrap();
+        v1::agent_client::AgentClient::new(ch)
+            .get_events(v1::GetEventsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    let (status, ran) = victim.run(&pod, "absolute");
+    assert!(killed(status) && !ran);
+    let event = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(20), stream.message()).await })
+        .expect("event within 20 s")
+        .unwrap()
+        .expect("stream open");
+    assert_eq!(event.binary, victim.path.to_str().unwrap());
+    assert_eq!(event.container.unwrap().pod_name, "web-0");
+
+    // A container learned of without our hook is marked and counted.
+    let late = Cgroup::new("rthooks-late");
+    rt.block_on(async {
+        let ch = rthooks_api::client::connect_unix(&socket, Duration::from_secs(5))
+            .await
+            .unwrap();
+        v1::agent_client::AgentClient::new(ch)
+            .report_container(v1::ReportContainerRequest {
+                container: Some(hook_request(&late, "c-late", r#"{"app":"db"}"#)),
+                source: "nri-sync".into(),
+                hook_ran: false,
+            })
+            .await
+            .unwrap()
+    });
+
+    let metrics = wait_for("metrics", Duration::from_secs(20), || {
+        let m = http_get(&addr, "/metrics");
+        m.contains("rthooks_events_total{action=\"kill\"} 1")
+            .then_some(m)
+    });
+    for want in [
+        "rthooks_runtime_hook_requests_total{result=\"ok\"} 1",
+        "rthooks_runtime_hook_duration_seconds_count 1",
+        "rthooks_containers 2",
+        "rthooks_containers_not_covered 1",
+        "rthooks_policies 1",
+        "rthooks_map_entries{map=\"containers\"} 1",
+        "rthooks_ring_buffer_drops 0",
+    ] {
+        assert!(metrics.contains(want), "{want} missing in\n{metrics}");
+    }
+    assert!(http_get(&addr, "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(&addr, "/readyz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(&addr, "/nope").starts_with("HTTP/1.1 404"));
+
+    let status: serde_json::Value =
+        serde_json::from_str(&rthooksctl(&agent, &["-o", "json", "status"])).unwrap();
+    assert!(["sigkill", "lsm"].contains(&status["enforcement_mode"].as_str().unwrap()));
+    assert_eq!(status["containers"], 2);
+    let containers: serde_json::Value =
+        serde_json::from_str(&rthooksctl(&agent, &["-o", "json", "containers"])).unwrap();
+    let late_c = containers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["container_id"] == "c-late")
+        .unwrap();
+    assert_eq!(late_c["covered"], false);
+    assert!(rthooksctl(&agent, &["containers"]).contains(" NO "));
+    let check = rthooksctl(
+        &agent,
+        &[
+            "-o",
+            "json",
+            "policies",
+            "check",
+            policy_file.to_str().unwrap(),
+        ],
+    );
+    let selected: serde_json::Value = serde_json::from_str(&check).unwrap();
+    assert_eq!(selected.as_array().unwrap().len(), 1, "{check}");
+    rthooksctl(&agent, &["policies", "delete", "deny-victim"]);
+    assert!(agent.policies().is_empty());
+
+    // Every log line is a JSON object.
+    let log = agent.log();
+    assert!(log.lines().count() > 3);
+    for line in log.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+}
