@@ -382,9 +382,12 @@ mod tests {
             adj.annotations[POD_LABELS_ANNOTATION],
             r#"{"app":"web","tier":"frontend"}"#
         );
-        assert!(adj
-            .annotations
-            .contains_key(&format!("-{POD_LABELS_ANNOTATION}")));
+        assert_eq!(
+            adj.annotations.len(),
+            1,
+            "no removal marker: {:?}",
+            adj.annotations
+        );
         let hooks = adj.hooks.as_ref().unwrap();
         assert_eq!(hooks.create_runtime.len(), 1);
         let h = &hooks.create_runtime[0];

@@ -56,7 +56,7 @@ impl Agent for FakeAgent {
         self.calls
             .lock()
             .unwrap()
-            .push(Call::Report(r.into_inner()));
+            .push(Call::Report(Box::new(r.into_inner())));
         Ok(Response::new(Default::default()))
     }
     async fn remove_container(
@@ -122,7 +122,7 @@ impl FakeAgent {
             .iter()
             .filter_map(|c| match c {
                 Call::Report(r) if r.container.as_ref().is_some_and(|c| c.container_id == id) => {
-                    Some(r.clone())
+                    Some((**r).clone())
                 }
                 _ => None,
             })
