@@ -24,6 +24,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -110,6 +111,19 @@ pub fn runc() -> PathBuf {
     PathBuf::from("/usr/sbin/runc")
 }
 
+/// An NRI plugin containerd launches itself at start (and after each restart).
+#[derive(Clone, Debug)]
+pub struct PrelaunchedPlugin {
+    /// Two-digit index (call order).
+    pub idx: String,
+    /// Name.
+    pub name: String,
+    /// The executable (linked into the plugin directory as `<idx>-<name>`).
+    pub binary: PathBuf,
+    /// Its configuration (`<idx>-<name>.conf`), passed to it in Configure.
+    pub config: Option<String>,
+}
+
 /// Settings for [`Containerd::start_with`].
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -119,6 +133,8 @@ pub struct Options {
     pub nri: bool,
     /// Import the pause and busybox images.
     pub images: bool,
+    /// NRI plugins for containerd to launch.
+    pub prelaunched: Vec<PrelaunchedPlugin>,
 }
 
 impl Options {
@@ -128,6 +144,7 @@ impl Options {
             release,
             nri: true,
             images: true,
+            prelaunched: Vec::new(),
         }
     }
 }
@@ -141,6 +158,8 @@ pub struct Containerd {
     /// Binaries.
     pub bins: Binaries,
     child: Option<Child>,
+    /// Pod cgroups created through [`Containerd::cri`] clients, removed on drop.
+    pod_cgroups: Arc<Mutex<Vec<String>>>,
 }
 
 impl Containerd {
@@ -169,6 +188,7 @@ impl Containerd {
             options: options.clone(),
             bins,
             child: None,
+            pod_cgroups: Arc::default(),
         };
         for d in [
             "root",
@@ -181,6 +201,16 @@ impl Containerd {
             "nri-conf",
         ] {
             fs::create_dir_all(c.dir.path().join(d))?;
+        }
+        for p in &options.prelaunched {
+            let file = format!("{}-{}", p.idx, p.name);
+            std::os::unix::fs::symlink(&p.binary, c.dir.path().join("nri-plugins").join(&file))?;
+            if let Some(conf) = &p.config {
+                fs::write(
+                    c.dir.path().join("nri-conf").join(format!("{file}.conf")),
+                    conf,
+                )?;
+            }
         }
         fs::write(c.config_path(), c.config_toml())?;
         c.spawn()?;
@@ -350,7 +380,9 @@ state = "{d}/state"
 
     /// A CRI client for this containerd.
     pub async fn cri(&self) -> Result<Cri> {
-        Cri::connect(&self.socket(), &self.pod_log_root()).await
+        Ok(Cri::connect(&self.socket(), &self.pod_log_root())
+            .await?
+            .tracking(self.pod_cgroups.clone()))
     }
 
     /// `ctr -n k8s.io image import --base-name <base> <tar>` (tag from the layout: `1`).
@@ -444,6 +476,12 @@ state = "{d}/state"
 impl Drop for Containerd {
     fn drop(&mut self) {
         self.stop();
+        // Pods a failed test left behind: kill their processes (killing the shims would
+        // orphan them), then the shims and mounts.
+        let leftovers: Vec<String> = self.pod_cgroups.lock().unwrap().drain(..).collect();
+        for cg in &leftovers {
+            crate::cri::kill_cgroup_tree(cg);
+        }
         self.reap();
     }
 }

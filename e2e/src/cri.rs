@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -84,6 +85,9 @@ pub struct Cri {
     /// ImageService.
     pub images: ImageServiceClient<Channel>,
     log_root: PathBuf,
+    /// Cgroup parents of the pods this client created (shared with the harness, which
+    /// cleans up whatever a failing test leaves).
+    pod_cgroups: Arc<Mutex<Vec<String>>>,
 }
 
 impl Cri {
@@ -105,7 +109,14 @@ impl Cri {
             runtime: RuntimeServiceClient::new(channel.clone()),
             images: ImageServiceClient::new(channel),
             log_root: log_root.to_path_buf(),
+            pod_cgroups: Arc::default(),
         })
+    }
+
+    /// Records created pods' cgroups in `registry`.
+    pub fn tracking(mut self, registry: Arc<Mutex<Vec<String>>>) -> Self {
+        self.pod_cgroups = registry;
+        self
     }
 
     /// Waits until the runtime reports RuntimeReady (NetworkReady may stay false: pods
@@ -173,6 +184,7 @@ impl Cri {
             })
             .await
             .context("RunPodSandbox")?;
+        self.pod_cgroups.lock().unwrap().push(spec.cgroup_parent());
         Ok(Pod {
             id: r.into_inner().pod_sandbox_id,
             spec: spec.clone(),
@@ -297,7 +309,9 @@ impl Cri {
             })
             .await
             .context("RemovePodSandbox")?;
-        remove_cgroup_tree(&pod.spec.cgroup_parent());
+        let cg = pod.spec.cgroup_parent();
+        remove_cgroup_tree(&cg);
+        self.pod_cgroups.lock().unwrap().retain(|c| *c != cg);
         let _ = std::fs::remove_dir_all(self.log_root.join(&pod.spec.uid));
         Ok(())
     }
@@ -352,6 +366,55 @@ pub fn remove_cgroup_tree(path: &str) {
         };
         let dir = Path::new(mp).join(path.trim_start_matches('/'));
         rmdir_tree(&dir);
+    }
+}
+
+/// Kills every process left in the cgroup tree `path` (in every hierarchy), then removes
+/// it: for pods whose runtime died before it could stop them.
+pub fn kill_cgroup_tree(path: &str) {
+    for _ in 0..50 {
+        let pids = cgroup_pids(path);
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            // SAFETY: kill(2) has no memory-safety preconditions; these pids are in a pod
+            // cgroup the harness created.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    remove_cgroup_tree(path);
+}
+
+fn cgroup_pids(path: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for root in [
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup/pids",
+        "/sys/fs/cgroup",
+    ] {
+        collect_pids(
+            &Path::new(root).join(path.trim_start_matches('/')),
+            &mut pids,
+        );
+        if !pids.is_empty() {
+            break;
+        }
+    }
+    pids
+}
+
+fn collect_pids(dir: &Path, out: &mut Vec<i32>) {
+    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                collect_pids(&e.path(), out);
+            }
+        }
     }
 }
 

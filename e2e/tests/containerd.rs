@@ -78,3 +78,42 @@ async fn containerd_2_1_runs_a_pod() {
 async fn containerd_1_7_runs_a_pod() {
     pod_and_container(Release::V1_7).await;
 }
+
+/// A test that fails half-way drops the harness with pods still running: nothing may
+/// stay behind (processes, cgroups, mounts, the temp directory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_harness_cleans_up() {
+    if !is_root() {
+        eprintln!("skipping: containerd tests need root");
+        return;
+    }
+    let ctrd = Containerd::start(Release::V2_1).await.unwrap();
+    let dir = ctrd.dir.path().to_path_buf();
+    let mut cri = ctrd.cri().await.unwrap();
+    let pod = cri.run_pod(&PodSpec::new("leak", "default")).await.unwrap();
+    let id = cri
+        .create_container(
+            &pod,
+            &ContainerSpec {
+                name: "sleeper".into(),
+                image: BUSYBOX_IMAGE.into(),
+                command: vec!["/bin/sleep".into(), "301".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    cri.start_container(&id).await.unwrap();
+    drop(cri);
+    drop(ctrd);
+    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup/memory"] {
+        let cg = std::path::Path::new(root).join(pod.spec.cgroup_parent().trim_start_matches('/'));
+        assert!(!cg.exists(), "{} left behind", cg.display());
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(dir.to_str().unwrap()),
+        "mounts left behind"
+    );
+    assert!(!dir.exists(), "temp dir left behind");
+}

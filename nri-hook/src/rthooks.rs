@@ -16,6 +16,7 @@
 //! queue waits for it to come back, up to its capacity).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,7 +26,7 @@ use rthooks_api::v1;
 use tokio::sync::mpsc;
 
 use crate::nri::api::{self, Container, Event, PodSandbox};
-use crate::nri::{EventMask, Plugin, PluginResult};
+use crate::nri::{EventMask, Plugin, PluginError, PluginResult};
 
 pub use rthooks_api::{DEFAULT_AGENT_ADDRESS, POD_LABELS_ANNOTATION};
 
@@ -281,16 +282,82 @@ async fn agent_task(address: String, mut rx: mpsc::Receiver<AgentCall>) {
     }
 }
 
+/// Settings a runtime can pass in `ConfigureRequest.config` (NRI reads them from
+/// `<plugin_config_path>/<idx>-<name>.conf` or `<name>.conf`): the only way to configure a
+/// plugin the runtime launches itself, as it starts it with an empty environment. A JSON
+/// object; every key is optional.
+///
+/// ```json
+/// {"hook_path": "/opt/rthooks/rthooks-oci-hook", "hook_args": ["rthooks-oci-hook", "createRuntime"],
+///  "hook_env": [], "hook_timeout": 5, "agent_address": "unix:///run/rthooks/agent.sock"}
+/// ```
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// [`HookSpec::path`].
+    pub hook_path: Option<String>,
+    /// [`HookSpec::args`].
+    pub hook_args: Option<Vec<String>>,
+    /// [`HookSpec::env`].
+    pub hook_env: Option<Vec<String>>,
+    /// [`HookSpec::timeout_secs`].
+    pub hook_timeout: Option<i64>,
+    /// The agent's address ("" or "none" disables reports).
+    pub agent_address: Option<String>,
+}
+
 /// The rthooks plugin.
 pub struct RthooksPlugin {
-    hook: HookSpec,
-    agent: AgentSink,
+    hook: RwLock<HookSpec>,
+    agent: Mutex<AgentSink>,
 }
 
 impl RthooksPlugin {
     /// A plugin injecting `hook` and reporting to `agent`.
     pub fn new(hook: HookSpec, agent: AgentSink) -> Self {
-        RthooksPlugin { hook, agent }
+        RthooksPlugin {
+            hook: RwLock::new(hook),
+            agent: Mutex::new(agent),
+        }
+    }
+
+    /// The hook currently injected.
+    pub fn hook(&self) -> HookSpec {
+        self.hook.read().unwrap().clone()
+    }
+
+    fn agent(&self) -> AgentSink {
+        self.agent.lock().unwrap().clone()
+    }
+
+    /// Applies a runtime-supplied configuration (see [`RuntimeConfig`]).
+    pub fn apply_config(&self, text: &str) -> PluginResult<()> {
+        let cfg: RuntimeConfig = serde_json::from_str(text)
+            .map_err(|e| PluginError::new(format!("invalid plugin configuration: {e}")))?;
+        {
+            let mut hook = self.hook.write().unwrap();
+            if let Some(p) = cfg.hook_path {
+                hook.path = p;
+            }
+            if let Some(a) = cfg.hook_args {
+                hook.args = a;
+            }
+            if let Some(e) = cfg.hook_env {
+                hook.env = e;
+            }
+            if let Some(t) = cfg.hook_timeout {
+                hook.timeout_secs = t;
+            }
+            tracing::info!(hook = ?*hook, "hook configured by the runtime");
+        }
+        if let Some(a) = cfg.agent_address {
+            let sink = match a.as_str() {
+                "" | "none" => AgentSink::disabled(),
+                a => AgentSink::spawn(a.to_string()),
+            };
+            *self.agent.lock().unwrap() = sink;
+        }
+        Ok(())
     }
 }
 
@@ -300,20 +367,29 @@ impl Plugin for RthooksPlugin {
         EventMask::of(&[Event::CREATE_CONTAINER, Event::REMOVE_CONTAINER])
     }
 
+    async fn configure(&self, req: &api::ConfigureRequest) -> PluginResult<()> {
+        if !req.config.trim().is_empty() {
+            self.apply_config(&req.config)?;
+        }
+        Ok(())
+    }
+
     async fn synchronize(
         &self,
         pods: Vec<PodSandbox>,
         containers: Vec<Container>,
     ) -> PluginResult<Vec<api::ContainerUpdate>> {
         let by_id: HashMap<&str, &PodSandbox> = pods.iter().map(|p| (p.id.as_str(), p)).collect();
+        let hook_path = self.hook().path;
+        let agent = self.agent();
         let mut uncovered = 0;
         for ctr in &containers {
             let pod = by_id.get(ctr.pod_sandbox_id.as_str()).copied();
-            let req = report_request(pod, ctr, &self.hook.path);
+            let req = report_request(pod, ctr, &hook_path);
             if !req.hook_ran {
                 uncovered += 1;
             }
-            self.agent.push(AgentCall::Report(Box::new(req)));
+            agent.push(AgentCall::Report(Box::new(req)));
         }
         tracing::info!(
             pods = pods.len(),
@@ -330,11 +406,12 @@ impl Plugin for RthooksPlugin {
         ctr: &Container,
     ) -> PluginResult<api::CreateContainerResponse> {
         tracing::debug!(pod = %pod.name, namespace = %pod.namespace, container = %ctr.name, "create container");
-        Ok(create_response(&self.hook, pod, ctr))
+        let hook = self.hook.read().unwrap();
+        Ok(create_response(&hook, pod, ctr))
     }
 
     async fn remove_container(&self, _pod: &PodSandbox, ctr: &Container) -> PluginResult<()> {
-        self.agent.push(AgentCall::Remove(ctr.id.clone()));
+        self.agent().push(AgentCall::Remove(ctr.id.clone()));
         Ok(())
     }
 }
@@ -394,6 +471,18 @@ mod tests {
         assert_eq!(h.path, DEFAULT_HOOK_PATH);
         assert_eq!(h.args, ["rthooks-oci-hook", "createRuntime"]);
         assert_eq!(h.timeout.value, 5);
+    }
+
+    #[test]
+    fn runtime_config_overrides_the_hook() {
+        let p = RthooksPlugin::new(HookSpec::default(), AgentSink::disabled());
+        p.apply_config(r#"{"hook_path": "/x/hook", "hook_timeout": 3, "agent_address": "none"}"#)
+            .unwrap();
+        let h = p.hook();
+        assert_eq!(h.path, "/x/hook");
+        assert_eq!(h.timeout_secs, 3);
+        assert_eq!(h.args, HookSpec::default().args);
+        assert!(p.apply_config(r#"{"hook_pth": "/typo"}"#).is_err());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use rthooks_api::v1;
 use rthooks_api::v1::agent_server::{Agent, AgentServer};
-use rthooks_e2e::containerd::{is_root, Containerd, Release};
+use rthooks_e2e::containerd::{is_root, Containerd, Options, PrelaunchedPlugin, Release};
 use rthooks_e2e::cri::{ContainerSpec, Cri, Pod, PodSpec};
 use rthooks_e2e::images::BUSYBOX_IMAGE;
 use tonic::{Request, Response, Status};
@@ -384,6 +384,29 @@ async fn plugin_against(release: Release) {
     let log = plugin.log();
     drop(plugin);
     assert!(!log.contains("ERROR"), "plugin logged errors:\n{log}");
+    // The plugin's own time to answer CreateContainer (its debug log).
+    let answers: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("CreateContainer answered"))
+        .filter_map(|l| {
+            l.split("elapsed_us=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(
+        answers.len(),
+        2,
+        "two containers created while the plugin ran:\n{log}"
+    );
+    eprintln!("{release:?}: plugin answered CreateContainer in {answers:?} µs");
+    assert!(
+        answers.iter().all(|us| *us < 100_000),
+        "well inside containerd's 2 s"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,4 +417,90 @@ async fn nri_plugin_with_containerd_2_1() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nri_plugin_with_containerd_1_7() {
     plugin_against(Release::V1_7).await;
+}
+
+/// Processes running the plugin as containerd launched it from `plugin_dir`.
+fn prelaunched_pids(plugin_dir: &Path) -> Vec<i32> {
+    let needle = plugin_dir.join("10-rthooks").display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let argv0 = cmd.split(|b| *b == 0).next()?;
+            (argv0 == needle.as_bytes()).then_some(pid)
+        })
+        .collect()
+}
+
+/// containerd launches the plugin itself (NRI_PLUGIN_SOCKET/NAME/IDX, empty environment);
+/// the plugin takes its settings from the runtime's plugin configuration file.
+async fn prelaunched_by(release: Release) {
+    if !is_root() {
+        eprintln!("skipping: the containerd NRI test needs root");
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("rthp-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (hook, record) = write_hook(dir.path());
+    let config = serde_json::json!({
+        "hook_path": hook.display().to_string(),
+        "hook_args": ["rthooks-oci-hook", "createRuntime"],
+        "agent_address": "none",
+    });
+    let mut opts = Options::new(release);
+    opts.prelaunched.push(PrelaunchedPlugin {
+        idx: "10".into(),
+        name: "rthooks".into(),
+        binary: env!("CARGO_BIN_EXE_rthooks-nri-hook").into(),
+        config: Some(config.to_string()),
+    });
+    let mut ctrd = Containerd::start_with(opts).await.expect("containerd");
+    let plugin_dir = ctrd.dir.path().join("nri-plugins");
+    eventually(
+        "pre-launched plugin running",
+        Duration::from_secs(10),
+        || prelaunched_pids(&plugin_dir).len() == 1,
+    )
+    .await;
+    let mut cri = ctrd.cri().await.unwrap();
+    let pod = cri
+        .run_pod(&PodSpec::new("pre", "default").label("app", "pre"))
+        .await
+        .unwrap();
+    let want = r#"{"app":"pre"}"#;
+    let c1 = cri.create_container(&pod, &sleeper("one")).await.unwrap();
+    assert_covered(&cri.container_spec(&c1).await.unwrap(), &hook, want);
+    cri.start_container(&c1).await.unwrap();
+    assert!(std::fs::read_to_string(&record).unwrap().contains(&c1));
+
+    // A restart relaunches the plugin; the old instance exits with its connection.
+    let before = prelaunched_pids(&plugin_dir);
+    ctrd.restart().await.unwrap();
+    eventually(
+        "plugin relaunched, old one gone",
+        Duration::from_secs(10),
+        || {
+            let now = prelaunched_pids(&plugin_dir);
+            now.len() == 1 && now != before
+        },
+    )
+    .await;
+    let mut cri = ctrd.cri().await.unwrap();
+    let c2 = cri.create_container(&pod, &sleeper("two")).await.unwrap();
+    assert_covered(&cri.container_spec(&c2).await.unwrap(), &hook, want);
+    cri.remove_pod(&pod).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prelaunched_by_containerd_2_1() {
+    prelaunched_by(Release::V2_1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prelaunched_by_containerd_1_7() {
+    prelaunched_by(Release::V1_7).await;
 }

@@ -377,10 +377,20 @@ impl<P: Plugin> nri_ttrpc::Plugin for Service<P> {
         _ctx: &TtrpcContext,
         req: api::CreateContainerRequest,
     ) -> ttrpc::Result<api::CreateContainerResponse> {
-        self.plugin
+        let started = std::time::Instant::now();
+        let r = self
+            .plugin
             .create_container(pod(&req.pod), ctr(&req.container))
             .await
-            .map_err(status)
+            .map_err(status);
+        // The one handler on the runtime's critical path: keep its cost visible.
+        tracing::debug!(
+            container = %ctr(&req.container).name,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            ok = r.is_ok(),
+            "CreateContainer answered"
+        );
+        r
     }
 
     async fn post_create_container(
