@@ -262,7 +262,6 @@ async fn plugin_against(release: Release) {
     let (hook, record) = write_hook(dir.path());
     let agent = FakeAgent::default();
     let agent_sock = dir.path().join("agent.sock");
-    agent.serve(&agent_sock);
 
     let mut ctrd = Containerd::start(release).await.expect("containerd");
     let mut cri = ctrd.cri().await.unwrap();
@@ -280,6 +279,11 @@ async fn plugin_against(release: Release) {
         plugin.registrations() >= 1
     })
     .await;
+    // The agent comes up after the plugin (as at node boot): Synchronize's reports wait
+    // in the plugin's queue until it answers.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(agent.calls.lock().unwrap().is_empty());
+    agent.serve(&agent_sock);
 
     // Synchronize reported the early container as not covered, with its identity.
     eventually(
@@ -384,6 +388,10 @@ async fn plugin_against(release: Release) {
     let log = plugin.log();
     drop(plugin);
     assert!(!log.contains("ERROR"), "plugin logged errors:\n{log}");
+    assert!(
+        log.contains("agent unreachable"),
+        "the late agent was noticed:\n{log}"
+    );
     // The plugin's own time to answer CreateContainer (its debug log).
     let answers: Vec<u64> = log
         .lines()
