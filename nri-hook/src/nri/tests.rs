@@ -252,3 +252,82 @@ async fn runner_reconnects_after_the_runtime_restarts() {
         .unwrap()
         .unwrap();
 }
+
+/// Tests that edit the process environment take turns.
+static ENV_LOCK: Mutex<()> = Mutex::new(());
+
+/// The pre-launched mode: the runtime passes a connected socket as an fd number in
+/// NRI_PLUGIN_SOCKET with the name and index; the runner uses it once and returns when the
+/// runtime closes it (the runtime relaunches plugins itself).
+#[tokio::test]
+async fn prelaunched_socket_from_the_environment() {
+    use std::os::fd::IntoRawFd;
+    let (plugin_side, runtime_side) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fd = plugin_side.into_raw_fd();
+    let env_guard = ENV_LOCK.lock().unwrap();
+    std::env::set_var(super::ENV_PLUGIN_SOCKET, fd.to_string());
+    std::env::set_var(super::ENV_PLUGIN_NAME, "fromenv");
+    std::env::set_var(super::ENV_PLUGIN_IDX, "07");
+    let cfg = RunnerConfig::new("default", "99", "/nonexistent")
+        .with_env()
+        .unwrap();
+    std::env::remove_var(super::ENV_PLUGIN_NAME);
+    std::env::remove_var(super::ENV_PLUGIN_IDX);
+    assert!(
+        std::env::var(super::ENV_PLUGIN_SOCKET).is_err(),
+        "fd taken once"
+    );
+    drop(env_guard);
+    assert!(matches!(cfg.endpoint, super::Endpoint::PreConnected(_)));
+    assert_eq!((cfg.name.as_str(), cfg.idx.as_str()), ("fromenv", "07"));
+    let task = tokio::spawn(
+        Runner::new(Arc::new(Recorder::default()), cfg).run_until(std::future::pending()),
+    );
+
+    runtime_side.set_nonblocking(true).unwrap();
+    let mut mux = Mux::new(
+        UnixStream::from_std(runtime_side).unwrap(),
+        &[PLUGIN_SERVICE_CONN, RUNTIME_SERVICE_CONN],
+    );
+    let (reg_tx, mut reg_rx) = mpsc::unbounded_channel();
+    let runtime: Arc<dyn nri_ttrpc::Runtime + Send + Sync> =
+        Arc::new(FakeRuntime { registered: reg_tx });
+    let conn2 = mux.take(RUNTIME_SERVICE_CONN).unwrap();
+    let mut server = ttrpc::r#async::Server::new()
+        .register_service(nri_ttrpc::create_runtime(runtime))
+        .add_listener(Listener::new(futures::stream::iter([Ok::<
+            _,
+            std::io::Error,
+        >(conn2)])));
+    server.start().await.unwrap();
+    let plugin = nri_ttrpc::PluginClient::new(ttrpc::r#async::Client::new(Socket::new(
+        mux.take(PLUGIN_SERVICE_CONN).unwrap(),
+    )));
+    let reg = tokio::time::timeout(Duration::from_secs(5), reg_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reg, ("fromenv".to_string(), "07".to_string()));
+    plugin
+        .configure(ctx(), &api::ConfigureRequest::new())
+        .await
+        .unwrap();
+    drop(plugin);
+    drop(server);
+    drop(mux);
+    // No reconnect in this mode: the runner returns.
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("runner returns when the pre-connected socket closes")
+        .unwrap()
+        .unwrap();
+}
+
+#[test]
+fn a_bad_prelaunched_fd_is_an_error() {
+    let _env = ENV_LOCK.lock().unwrap();
+    std::env::set_var(super::ENV_PLUGIN_SOCKET, "not-a-number");
+    let r = RunnerConfig::new("a", "10", "/x").with_env();
+    std::env::remove_var(super::ENV_PLUGIN_SOCKET);
+    assert!(matches!(r, Err(super::NriError::BadPrelaunchedSocket(..))));
+}
