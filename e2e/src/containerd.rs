@@ -179,10 +179,11 @@ impl Containerd {
         } else {
             (None, None)
         };
-        // Short paths: UNIX socket paths are limited to 108 bytes.
-        let dir = tempfile::Builder::new()
-            .prefix("rthd-")
-            .tempdir_in("/tmp")?;
+        // Short paths: UNIX socket paths are limited to 108 bytes. containerd's root must
+        // allow overlayfs (in a VM guest: a tmpfs), hence RTHOOKS_TMP.
+        let base =
+            std::env::var_os("RTHOOKS_TMP").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+        let dir = tempfile::Builder::new().prefix("rthd-").tempdir_in(base)?;
         let mut c = Containerd {
             dir,
             options: options.clone(),
