@@ -23,19 +23,40 @@ pub struct KernelTree {
 }
 
 impl KernelTree {
+    /// Up to 6.x the image is `boot/vmlinuz-<release>`; the 7.x split packages put it
+    /// at `usr/lib/modules/<release>/vmlinuz`.
     pub fn find(root: &Path) -> Result<Self> {
-        let boot = root.join("boot");
-        let vmlinuz = std::fs::read_dir(&boot)
-            .with_context(|| format!("{} has no boot/", root.display()))?
+        let in_boot = std::fs::read_dir(root.join("boot"))
+            .into_iter()
+            .flatten()
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("vmlinuz-"))
-            })
-            .with_context(|| format!("no vmlinuz-* in {}", boot.display()))?;
-        let release =
-            vmlinuz.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_string();
+            .find_map(|p| {
+                let release = p
+                    .file_name()?
+                    .to_str()?
+                    .strip_prefix("vmlinuz-")?
+                    .to_string();
+                Some((p, release))
+            });
+        let in_modules = || {
+            ["usr/lib/modules", "lib/modules"]
+                .iter()
+                .flat_map(|d| std::fs::read_dir(root.join(d)).into_iter().flatten())
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.join("vmlinuz").is_file())
+                .map(|p| {
+                    (
+                        p.join("vmlinuz"),
+                        p.file_name().unwrap().to_string_lossy().into_owned(),
+                    )
+                })
+        };
+        let (vmlinuz, release) = in_boot.or_else(in_modules).with_context(|| {
+            format!(
+                "no kernel image (boot/vmlinuz-* or lib/modules/*/vmlinuz) in {}",
+                root.display()
+            )
+        })?;
         let modules = ["usr/lib/modules", "lib/modules"]
             .iter()
             .map(|d| root.join(d).join(&release))
@@ -75,12 +96,15 @@ pub fn module_name(path: &Path) -> Option<String> {
     Some(stem.replace('-', "_"))
 }
 
-fn builtin_modules(modules: &Path) -> HashSet<String> {
-    std::fs::read_to_string(modules.join("modules.builtin"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| module_name(Path::new(l)))
-        .collect()
+/// `None` when the package does not say (the 7.x split packages ship no
+/// `modules.builtin`): a module that is not shipped is then assumed built in.
+fn builtin_modules(modules: &Path) -> Option<HashSet<String>> {
+    let text = std::fs::read_to_string(modules.join("modules.builtin")).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| module_name(Path::new(l)))
+            .collect(),
+    )
 }
 
 /// The uncompressed module file.
@@ -134,16 +158,19 @@ fn resolve_modules(modules: &Path, wanted: &[&str]) -> Result<Vec<(String, Vec<u
     fn visit(
         name: &str,
         index: &BTreeMap<String, PathBuf>,
-        builtin: &HashSet<String>,
+        builtin: &Option<HashSet<String>>,
         done: &mut HashSet<String>,
         order: &mut Vec<(String, Vec<u8>)>,
     ) -> Result<()> {
-        if !done.insert(name.to_string()) || builtin.contains(name) {
+        if !done.insert(name.to_string()) || builtin.as_ref().is_some_and(|b| b.contains(name)) {
             return Ok(());
         }
-        let path = index.get(name).with_context(|| {
-            format!("the kernel has no module {name} (neither built in nor shipped)")
-        })?;
+        let Some(path) = index.get(name) else {
+            if builtin.is_none() {
+                return Ok(());
+            }
+            bail!("the kernel has no module {name} (neither built in nor shipped)");
+        };
         let ko = read_module(path)?;
         for dep in module_depends(&ko) {
             visit(&dep, index, builtin, done, order)?;
@@ -239,6 +266,27 @@ mod tests {
     }
 
     #[test]
+    fn finds_the_image_in_boot_or_beside_the_modules() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old");
+        std::fs::create_dir_all(old.join("boot")).unwrap();
+        std::fs::create_dir_all(old.join("lib/modules/5.10.0-32-amd64/kernel")).unwrap();
+        std::fs::write(old.join("boot/vmlinuz-5.10.0-32-amd64"), "").unwrap();
+        let t = KernelTree::find(&old).unwrap();
+        assert_eq!(t.release, "5.10.0-32-amd64");
+        assert!(t.modules.ends_with("lib/modules/5.10.0-32-amd64"));
+        let split = dir.path().join("split");
+        std::fs::create_dir_all(split.join("usr/lib/modules/7.2.13+deb14-amd64")).unwrap();
+        std::fs::write(split.join("usr/lib/modules/7.2.13+deb14-amd64/vmlinuz"), "").unwrap();
+        let t = KernelTree::find(&split).unwrap();
+        assert_eq!(t.release, "7.2.13+deb14-amd64");
+        assert!(t
+            .vmlinuz
+            .ends_with("usr/lib/modules/7.2.13+deb14-amd64/vmlinuz"));
+        assert!(KernelTree::find(dir.path()).is_err());
+    }
+
+    #[test]
     fn resolves_dependencies_first_and_skips_builtins() {
         let dir = tempfile::tempdir().unwrap();
         let m = dir.path();
@@ -254,5 +302,16 @@ mod tests {
         assert_eq!(got, ["9pnet", "9p"]);
         let err = resolve_modules(m, &["overlay"]).unwrap_err().to_string();
         assert!(err.contains("no module overlay"), "{err}");
+        std::fs::remove_file(m.join("modules.builtin")).unwrap();
+        let got: Vec<String> = resolve_modules(m, &["virtio_pci", "9p"])
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            got,
+            ["9pnet", "9p"],
+            "without modules.builtin, unshipped means built in"
+        );
     }
 }

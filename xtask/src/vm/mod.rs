@@ -46,6 +46,14 @@ pub struct E2eArgs {
     /// Use the binaries already built.
     #[arg(long)]
     pub no_build: bool,
+    /// Where the guests take rthooks' binaries from (default: the cargo target
+    /// directory's `debug/`).
+    #[arg(long, value_name = "DIR")]
+    pub bin_dir: Option<PathBuf>,
+    /// CRI-O's binaries (`crio`, `pinns`, `conmon`) for the CRI-O column; without it
+    /// that column is skipped and says why.
+    #[arg(long, value_name = "DIR")]
+    pub crio_dir: Option<PathBuf>,
 }
 
 /// A kernel ready to boot.
@@ -230,7 +238,9 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
         .filter(|r| r.result == matrix::Verdict::Fail)
         .count();
     if failed > 0 {
-        bail!("{failed} scenario(s) failed");
+        // A failing matrix is a verdict, not an error with a backtrace worth printing.
+        eprintln!("e2e: {failed} scenario(s) failed");
+        std::process::exit(1);
     }
     Ok(())
 }
@@ -307,6 +317,15 @@ fn run_kernel(
     Ok((rows, line))
 }
 
+/// Paths given on the command line, made absolute: the guest does not share our cwd.
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    }
+}
+
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
@@ -319,9 +338,22 @@ fn job_script(kernel: &str, args: &E2eArgs) -> String {
         ("RTHOOKS_RESULTS_DIR", "/run/rthooks-vm/results".to_string()),
         (
             "RTHOOKS_BIN_DIR",
-            target_dir().join("debug").display().to_string(),
+            args.bin_dir
+                .as_deref()
+                .map(absolute)
+                .unwrap_or_else(|| target_dir().join("debug"))
+                .display()
+                .to_string(),
         ),
         ("RTHOOKS_WORKSPACE", ws.display().to_string()),
+        (
+            "RTHOOKS_CRIO_DIR",
+            args.crio_dir
+                .as_deref()
+                .map(absolute)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        ),
         (
             "RTHOOKS_USERLAND",
             cache_dir().join("userland").display().to_string(),
@@ -362,11 +394,14 @@ mod tests {
             scenario_timeout: 7,
             scenario: Some("it's".into()),
             no_build: true,
+            bin_dir: Some("/b".into()),
+            crio_dir: None,
         };
         let s = job_script("6.12", &args);
         assert!(s.contains("export RTHOOKS_KERNEL='6.12'\n"));
         assert!(s.contains("export RTHOOKS_SCENARIO_FILTER='it'\\''s'\n"));
         assert!(s.contains("export RTHOOKS_SCENARIO_TIMEOUT='7'\n"));
+        assert!(s.contains("export RTHOOKS_BIN_DIR='/b'\n"));
         assert!(s.lines().last().unwrap().starts_with("exec /bin/bash '"));
     }
 }
