@@ -84,6 +84,14 @@ for i in "${!NAMES[@]}"; do
         sed 's/^/suite:   | /' "$logs/$tag.log" | tail -n 20
     fi
 done
+
+# The e2e crate's scenarios (CRI-driven), when its binary has the `guest` subcommand: it
+# appends its own plan and result lines to the same file (see vm/README.md).
+e2e_bin=$RTHOOKS_BIN_DIR/rthooks-e2e
+if [ -x "$e2e_bin" ] && "$e2e_bin" guest --help >/dev/null 2>&1; then
+    echo "suite: running $e2e_bin guest"
+    "$e2e_bin" guest --results "$results" || failed=$((failed + 1))
+fi
 sync
-echo "suite: ${#NAMES[@]} scenario(s), $failed failed"
+echo "suite: ${#NAMES[@]} shell scenario(s), $failed failed"
 [ "$failed" = 0 ]

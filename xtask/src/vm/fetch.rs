@@ -30,6 +30,44 @@ const DEBIAN_SUITES: &[&str] = &[
     "unstable",
 ];
 
+/// An exclusive `flock` on `<cache>/apt.lock`, the lock the e2e crate's fetcher takes
+/// too: both download into `<cache>/debs`, and neither may replace a file the other is
+/// writing or verifying.
+pub struct CacheLock {
+    _file: std::fs::File,
+}
+
+impl CacheLock {
+    pub fn acquire() -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        let path = cache_dir().join("apt.lock");
+        std::fs::create_dir_all(cache_dir())?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a descriptor this function owns; it is released when the file
+        // is closed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            eprintln!(
+                "vm: waiting for {} (another fetch is running)",
+                path.display()
+            );
+            // SAFETY: as above.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                bail!(
+                    "flock {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        Ok(CacheLock { _file: file })
+    }
+}
+
 /// One resolved package file, as apt's metadata describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deb {

@@ -70,13 +70,41 @@ impl KernelTree {
     }
 }
 
+impl KernelTree {
+    /// A tree the user built (`make`): its modules, if any, are `*.ko` files in the tree.
+    pub fn from_build_tree(dir: &Path) -> Result<Self> {
+        let vmlinuz = dir.join("arch/x86/boot/bzImage");
+        if !vmlinuz.is_file() {
+            bail!("{} is missing: build the kernel first", vmlinuz.display());
+        }
+        let release = std::fs::read_to_string(dir.join("include/config/kernel.release"))
+            .with_context(|| format!("{} has no include/config/kernel.release", dir.display()))?
+            .trim()
+            .to_string();
+        Ok(KernelTree {
+            vmlinuz,
+            modules: dir.to_path_buf(),
+            release,
+        })
+    }
+}
+
 /// Module name → file, for every module the kernel ships (names normalised to `_`).
 fn module_index(modules: &Path) -> Result<BTreeMap<String, PathBuf>> {
     let mut index = BTreeMap::new();
-    let mut stack = vec![modules.join("kernel")];
+    // A package's lib/modules/<release>/kernel, or a whole build tree.
+    let top = if modules.join("kernel").is_dir() {
+        modules.join("kernel")
+    } else {
+        modules.to_path_buf()
+    };
+    let mut stack = vec![top];
     while let Some(dir) = stack.pop() {
         for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let path = e?.path();
+            if path.is_symlink() {
+                continue;
+            }
             if path.is_dir() {
                 stack.push(path);
             } else if let Some(name) = module_name(&path) {
@@ -284,6 +312,32 @@ mod tests {
             .vmlinuz
             .ends_with("usr/lib/modules/7.2.13+deb14-amd64/vmlinuz"));
         assert!(KernelTree::find(dir.path()).is_err());
+    }
+
+    #[test]
+    fn a_build_tree_is_a_kernel_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path();
+        assert!(KernelTree::from_build_tree(t).is_err());
+        std::fs::create_dir_all(t.join("arch/x86/boot")).unwrap();
+        std::fs::create_dir_all(t.join("include/config")).unwrap();
+        std::fs::create_dir_all(t.join("fs/overlayfs")).unwrap();
+        std::fs::write(t.join("arch/x86/boot/bzImage"), "").unwrap();
+        std::fs::write(t.join("include/config/kernel.release"), "7.4.0-rc1+\n").unwrap();
+        std::fs::write(t.join("fs/overlayfs/overlay.ko"), "\0depends=\0").unwrap();
+        std::fs::write(
+            t.join("modules.builtin"),
+            "fs/9p/9p.ko\nnet/9p/9pnet.ko\nnet/9p/9pnet_virtio.ko\ndrivers/virtio/virtio_pci.ko\n",
+        )
+        .unwrap();
+        let k = KernelTree::from_build_tree(t).unwrap();
+        assert_eq!(k.release, "7.4.0-rc1+");
+        let got: Vec<String> = resolve_modules(&k.modules, WANTED_MODULES)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(got, ["overlay"]);
     }
 
     #[test]

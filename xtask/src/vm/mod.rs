@@ -28,6 +28,24 @@ pub struct Select {
     /// Every kernel in vm/kernels.toml.
     #[arg(long, conflicts_with = "kernels")]
     pub all: bool,
+    /// A kernel tree you built yourself (`make` done: arch/x86/boot/bzImage, and the
+    /// 9p/virtio/overlay drivers built in or as modules in the tree). Booted in addition
+    /// to any --kernel; alone, instead of the default kernel.
+    #[arg(long, value_name = "PATH")]
+    pub kernel_dir: Vec<PathBuf>,
+    /// Extra kernel command line for the --kernel-dir kernels.
+    #[arg(long, value_name = "ARGS", default_value = "")]
+    pub append: String,
+}
+
+impl Select {
+    /// The Debian kernels of the matrix this selection names.
+    pub fn kernels(&self, config: &Config) -> Result<Vec<Kernel>> {
+        if !self.kernel_dir.is_empty() && self.kernels.is_empty() && !self.all {
+            return Ok(Vec::new());
+        }
+        config.select(&self.kernels, self.all)
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -71,9 +89,15 @@ pub fn config() -> Result<Config> {
 pub fn vm(select: &Select) -> Result<()> {
     let start = Instant::now();
     let config = config()?;
-    let kernels = config.select(&select.kernels, select.all)?;
+    let kernels = select.kernels(&config)?;
     let mut stats = FetchStats::default();
-    let prepared = prepare(&config, &kernels, &mut stats)?;
+    let prepared = prepare(
+        &config,
+        &kernels,
+        &select.kernel_dir,
+        &select.append,
+        &mut stats,
+    )?;
     for p in &prepared {
         let append = if p.kernel.append.is_empty() {
             String::new()
@@ -102,8 +126,11 @@ pub fn vm(select: &Select) -> Result<()> {
 pub fn prepare(
     config: &Config,
     kernels: &[Kernel],
+    kernel_dirs: &[PathBuf],
+    append: &str,
     stats: &mut FetchStats,
 ) -> Result<Vec<Prepared>> {
+    let _lock = fetch::CacheLock::acquire()?;
     let apt = Apt::new(&config.suites())?;
     for u in &config.userland {
         let wanted: Vec<(String, String)> = u
@@ -166,6 +193,37 @@ pub fn prepare(
             initramfs: initrd,
         });
     }
+    for dir in kernel_dirs {
+        let dir = absolute(dir);
+        let tree = initramfs::KernelTree::from_build_tree(&dir)?;
+        let initrd = cache_dir()
+            .join("kernels/built")
+            .join(
+                dir.display()
+                    .to_string()
+                    .trim_start_matches('/')
+                    .replace('/', "_"),
+            )
+            .join("initramfs.cpio.gz");
+        std::fs::create_dir_all(initrd.parent().unwrap())?;
+        if initramfs::build(&tree, &busybox, &init, &initrd)? {
+            eprintln!("vm: built {}", initrd.display());
+        }
+        out.push(Prepared {
+            kernel: Kernel {
+                name: format!("built-{}", tree.release),
+                suite: dir.display().to_string(),
+                packages: Vec::new(),
+                append: append.to_string(),
+                default: false,
+            },
+            tree,
+            initramfs: initrd,
+        });
+    }
+    if out.is_empty() {
+        bail!("no kernel selected");
+    }
     Ok(out)
 }
 
@@ -189,7 +247,7 @@ fn target_dir() -> PathBuf {
 /// `cargo xtask e2e`.
 pub fn e2e(args: &E2eArgs) -> Result<()> {
     let config = config()?;
-    let kernels = config.select(&args.select.kernels, args.select.all)?;
+    let kernels = args.select.kernels(&config)?;
     if !args.no_build {
         // --keep-going: a crate that does not build yet must not stop the others' tests;
         // scenarios needing a missing binary skip and say so.
@@ -198,7 +256,14 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
         }
     }
     let mut stats = FetchStats::default();
-    let prepared = prepare(&config, &kernels, &mut stats)?;
+    let prepared = prepare(
+        &config,
+        &kernels,
+        &args.select.kernel_dir,
+        &args.select.append,
+        &mut stats,
+    )?;
+    prefetch_e2e_crate(&bin_dir(args));
     let qemu_bin = PathBuf::from(
         std::env::var("RTHOOKS_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
     );
@@ -317,6 +382,30 @@ fn run_kernel(
     Ok((rows, line))
 }
 
+fn bin_dir(args: &E2eArgs) -> PathBuf {
+    args.bin_dir
+        .as_deref()
+        .map(absolute)
+        .unwrap_or_else(|| target_dir().join("debug"))
+}
+
+/// The guests have no network and a read-only cache: whatever the e2e crate's in-guest
+/// scenarios download or build (containerd packages, OCI image tarballs) is made here,
+/// on the host, by `rthooks-e2e prefetch` — when the binary has that subcommand.
+fn prefetch_e2e_crate(bin_dir: &Path) {
+    let e2e = bin_dir.join("rthooks-e2e");
+    let has_prefetch =
+        crate::util::output(std::process::Command::new(&e2e).args(["prefetch", "--help"]))
+            .is_some();
+    if !has_prefetch {
+        return;
+    }
+    eprintln!("e2e: {} prefetch", e2e.display());
+    if let Err(e) = crate::util::run(std::process::Command::new(&e2e).arg("prefetch")) {
+        eprintln!("e2e: warning: {e:#}; its in-guest scenarios will report what is missing");
+    }
+}
+
 /// Paths given on the command line, made absolute: the guest does not share our cwd.
 fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
@@ -336,15 +425,7 @@ fn job_script(kernel: &str, args: &E2eArgs) -> String {
     let vars = [
         ("RTHOOKS_KERNEL", kernel.to_string()),
         ("RTHOOKS_RESULTS_DIR", "/run/rthooks-vm/results".to_string()),
-        (
-            "RTHOOKS_BIN_DIR",
-            args.bin_dir
-                .as_deref()
-                .map(absolute)
-                .unwrap_or_else(|| target_dir().join("debug"))
-                .display()
-                .to_string(),
-        ),
+        ("RTHOOKS_BIN_DIR", bin_dir(args).display().to_string()),
         ("RTHOOKS_WORKSPACE", ws.display().to_string()),
         (
             "RTHOOKS_CRIO_DIR",
@@ -383,12 +464,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_kernel_dir_alone_replaces_the_default_kernel() {
+        let config = Config::parse(
+            "[[kernel]]\nname = \"6.12\"\nsuite = \"trixie\"\npackages = [\"x\"]\ndefault = true\n",
+        )
+        .unwrap();
+        let mut select = Select {
+            kernels: vec![],
+            all: false,
+            kernel_dir: vec!["/src/linux".into()],
+            append: String::new(),
+        };
+        assert!(select.kernels(&config).unwrap().is_empty());
+        select.kernels.push("6.12".into());
+        assert_eq!(select.kernels(&config).unwrap().len(), 1);
+        select.kernel_dir.clear();
+        select.kernels.clear();
+        assert_eq!(select.kernels(&config).unwrap()[0].name, "6.12");
+    }
+
+    #[test]
     fn job_script_quotes_values() {
         assert_eq!(sh_quote("a'b"), "'a'\\''b'");
         let args = E2eArgs {
             select: Select {
                 kernels: vec![],
                 all: false,
+                kernel_dir: vec![],
+                append: String::new(),
             },
             timeout: 1,
             scenario_timeout: 7,
