@@ -64,8 +64,11 @@ fn agent_err(address: &str, what: &str, e: impl std::error::Error) -> Error {
     let mut reason = format!("{what}: {e}");
     let mut src = e.source();
     while let Some(s) = src {
-        reason.push_str(": ");
-        reason.push_str(&s.to_string());
+        let s_text = s.to_string();
+        if !reason.contains(&s_text) {
+            reason.push_str(": ");
+            reason.push_str(&s_text);
+        }
         src = s.source();
     }
     Error::Agent {

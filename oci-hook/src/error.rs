@@ -8,7 +8,7 @@ pub enum Error {
     StdinRead(#[source] std::io::Error),
     #[error("the OCI state on stdin is not valid JSON: {0}")]
     StateJson(String),
-    #[error("no bundle config.json found (state bundle {bundle:?}, working directory {cwd:?})")]
+    #[error("{}", no_config_message(bundle.as_deref(), cwd.as_deref()))]
     NoConfig {
         bundle: Option<PathBuf>,
         cwd: Option<PathBuf>,
@@ -62,5 +62,17 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+fn no_config_message(bundle: Option<&std::path::Path>, cwd: Option<&std::path::Path>) -> String {
+    match (bundle, cwd) {
+        (Some(b), _) => format!("no config.json in the bundle {}", b.display()),
+        (None, Some(c)) => format!(
+            "the runtime passed no bundle and the working directory {} has no config.json \
+             (looked for config.json, ../config.json, ../userdata/config.json)",
+            c.display()
+        ),
+        (None, None) => "the runtime passed no bundle and the working directory is unknown".into(),
     }
 }

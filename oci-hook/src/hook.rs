@@ -28,7 +28,7 @@ impl Stage {
             "createContainer" => Ok(Stage::CreateContainer),
             "poststop" => Ok(Stage::Poststop),
             other => Err(format!(
-                "unsupported hook stage {other:?}: expected createRuntime (registers the container), \
+                "rthooks-oci-hook: unsupported hook stage {other:?}: expected createRuntime (registers the container), \
                  createContainer or poststop; a container created with this hook is NOT registered"
             )),
         }
@@ -101,7 +101,7 @@ pub fn run(parsed: Parsed, stdin: impl Read, cwd: Option<PathBuf>) -> Outcome {
             );
         }
         None => {
-            let e = "missing hook stage argument (createRuntime, createContainer or poststop)"
+            let e = "rthooks-oci-hook: missing hook stage argument (createRuntime, createContainer or poststop)"
                 .to_owned();
             return finish(
                 c,
@@ -241,6 +241,7 @@ fn create_runtime(
                 );
             }
             let req = agent::create_container_request(bundle, cg, &identity, &annotations);
+            tracing::debug!(address = %c.grpc_address, cgroup = cg, id = %identity.container_id, "calling RuntimeHook");
             let t = Instant::now();
             let r = agent::block_on(agent::runtime_hook(&c.grpc_address, c.grpc_timeout, req))
                 .and_then(|r| r);

@@ -173,7 +173,14 @@ impl Common {
         let mut argv = vec![BINARY_NAME.to_owned(), stage.to_owned()];
         argv.extend(self.hook_args.iter().cloned());
         let mut check = argv.clone();
-        check.extend(["--config-file".into(), "/dev/null/none".into()]);
+        // Validate the flags alone, not whatever config file sits beside this binary.
+        if !self
+            .hook_args
+            .iter()
+            .any(|a| a.starts_with("--config-file"))
+        {
+            check.extend(["--config-file".into(), "/dev/null/none".into()]);
+        }
         config::parse(&check)
             .map_err(|e| Error::Install(format!("invalid --hook-arg: {}", e.to_string().trim())))?;
         Ok(argv)
@@ -700,6 +707,7 @@ impl Tx {
             e.written = h;
         }
         self.save()?;
+        tracing::info!(installer = %self.name, path = %path.display(), "wrote");
         self.report.push(format!("wrote {}", path.display()));
         Ok(())
     }
