@@ -1,4 +1,4 @@
-//! The whole chain on a real containerd (2.1.9): kubelet-style CRI calls → containerd → NRI
+//! The whole chain on a real containerd (2.1.9 and 1.7.24): kubelet-style CRI calls → containerd → NRI
 //! → `rthooks-nri-hook` injects the hook → runc runs the real `rthooks-oci-hook` →
 //! `rthooks-agent` records the container's identity, cgroup and labels. A container
 //! created while the plugin was not running is learned from Synchronize and shown as not
@@ -95,7 +95,16 @@ fn find<'a>(list: &'a [serde_json::Value], id: &str) -> Option<&'a serde_json::V
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nri_plugin_hook_and_agent_together() {
+async fn full_chain_with_containerd_2_1() {
+    full_chain(Release::V2_1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_chain_with_containerd_1_7() {
+    full_chain(Release::V1_7).await;
+}
+
+async fn full_chain(release: Release) {
     if !is_root() {
         eprintln!("skipping: needs root");
         return;
@@ -121,8 +130,9 @@ async fn nri_plugin_hook_and_agent_together() {
         .unwrap();
     let d = dir.path();
     let address = format!("unix://{}", d.join("agent.sock").display());
+    // One pin directory per agent: both releases run at once.
     let pin_dir = PathBuf::from(format!(
-        "/sys/fs/bpf/rthooks-nri-test-{}",
+        "/sys/fs/bpf/rthooks-nri-test-{}-{release:?}",
         std::process::id()
     ));
     std::fs::create_dir_all(d.join("policies")).unwrap();
@@ -137,7 +147,7 @@ async fn nri_plugin_hook_and_agent_together() {
     )
     .unwrap();
 
-    let mut ctrd = Containerd::start(Release::V2_1).await.expect("containerd");
+    let mut ctrd = Containerd::start(release).await.expect("containerd");
     let mut cri = ctrd.cri().await.unwrap();
 
     // A container from before the plugin: no hook, nobody told the agent.
@@ -317,6 +327,6 @@ async fn nri_plugin_hook_and_agent_together() {
     ctrd.stop();
     drop(pins);
     let log = std::fs::read_to_string(&agent_log).unwrap_or_default();
-    eprintln!("full chain in {:?}", started.elapsed());
+    eprintln!("{release:?}: full chain in {:?}", started.elapsed());
     assert!(!pin_dir.exists(), "pins left behind; agent log:\n{log}");
 }
