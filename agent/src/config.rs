@@ -14,6 +14,8 @@ use crate::bpf::RequestedMode;
 #[command(
     name = "rthooks-agent",
     version,
+    // A flag given twice (e.g. by a config file and a wrapper) takes its last value.
+    args_override_self = true,
     about = "rthooks node agent: registers containers from the OCI hook into eBPF maps and enforces runtime policies in the kernel",
     long_about = "rthooks node agent.\n\nLoads and pins the eBPF filter (LSM, or tracepoint + SIGKILL where LSM programs cannot run), \
 serves the Tetragon-compatible RuntimeHook gRPC method that rthooks-oci-hook calls while a container is created, \

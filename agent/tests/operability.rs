@@ -166,3 +166,52 @@ fn metrics_events_stream_logs_and_cli() {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
     }
 }
+
+#[test]
+fn socket_refuses_unauthorized_uids_even_when_its_mode_allows_them() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let agent = Agent::start(&[]);
+    // Open the socket and its directory to everyone: only the uid check stands in the way.
+    std::fs::set_permissions(&agent.socket, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(agent.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run_as = |uid: u32| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rthooksctl"));
+        cmd.arg(format!("--address=unix://{}", agent.socket.display())).arg("status");
+        // SAFETY: setuid only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.output().unwrap()
+    };
+    let nobody = run_as(65534);
+    assert!(!nobody.status.success(), "uid 65534 was served");
+    let root = run_as(0);
+    assert!(root.status.success(), "{}", String::from_utf8_lossy(&root.stderr));
+    assert!(agent.log().contains("unauthorized uid"));
+}
+
+#[test]
+fn unpin_detaches_everything() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let mut agent = Agent::start(&[]);
+    agent.kill();
+    assert!(agent.pin_dir.join("links").is_dir());
+    let out = Command::new(env!("CARGO_BIN_EXE_rthooks-agent"))
+        .arg(format!("--bpf-pin-dir={}", agent.pin_dir.display()))
+        .arg("--unpin")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!agent.pin_dir.exists());
+}

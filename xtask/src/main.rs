@@ -30,6 +30,8 @@ enum Command {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Run the benchmarks and print their figures (exec overhead, hook registration).
+    Bench,
     /// Build and start the agent here with the sample policies (deploy/policies).
     RunAgent {
         /// Extra agent flags (see `rthooks-agent --help`).
@@ -47,18 +49,21 @@ fn main() -> Result<()> {
     setup::ensure()?;
     match cli.command {
         Command::Setup => Ok(()),
-        Command::Build => util::cargo(&["build", "--release", "--workspace", "--bins"]),
+        Command::Build => util::cargo(&["build", "--release", "--bins"]),
         Command::Test { args } => test(&args),
         Command::RunAgent { args } => run::run_agent(&args),
+        Command::Bench => util::cargo(&["bench", "-p", "rthooks-agent", "--bench", "exec_overhead"]),
         Command::Vm(select) => vm::vm(&select),
         Command::E2e(args) => vm::e2e(&args),
     }
 }
 
+/// Commands run on the workspace's default members: `--workspace` would also build the
+/// eBPF crate for the host, which cannot work (it is built by agent/build.rs instead).
 fn test(extra: &[String]) -> Result<()> {
     // Binaries first: the integration tests start the real agent and hooks.
-    util::cargo(&["build", "--workspace", "--bins"])?;
-    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+    util::cargo(&["build", "--bins"])?;
+    let mut args = vec!["test", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
     util::cargo(&args)
 }

@@ -251,7 +251,7 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
     if !args.no_build {
         // --keep-going: a crate that does not build yet must not stop the others' tests;
         // scenarios needing a missing binary skip and say so.
-        if let Err(e) = crate::util::cargo(&["build", "--workspace", "--bins", "--keep-going"]) {
+        if let Err(e) = crate::util::cargo(&["build", "--bins", "--keep-going"]) {
             eprintln!("e2e: warning: the build failed ({e:#}); scenarios needing the missing binaries will skip");
         }
     }
