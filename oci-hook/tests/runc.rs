@@ -18,6 +18,7 @@ fn runc_container_is_registered_with_its_cgroup_id() {
         BundleSpec {
             namespace: Some("shop"),
             labels: Some(r#"{"app":"web","tier":"frontend"}"#),
+            poststop: true,
             hook_args: vec![
                 format!("--grpc-address={}", agent.address()),
                 format!("--log-fname={}", log.display()),
@@ -64,6 +65,15 @@ fn runc_container_is_registered_with_its_cgroup_id() {
         "registered {} with cgroup id {cg_id} ({cg_path}) in {} ms",
         c.id, lines[0]["total_ms"]
     );
+
+    // poststop tells the agent the container is gone.
+    let out = c.delete();
+    assert!(out.status.success(), "runc delete: {out:?}");
+    let lines = log_lines(&log);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[1]["stage"], "poststop");
+    assert_eq!(lines[1]["decision"], "removed", "{}", lines[1]);
+    assert!(!agent.containers().iter().any(|x| x.container_id == c.id));
 }
 
 #[test]
@@ -71,14 +81,15 @@ fn agent_down_refuses_normal_namespaces_and_allows_listed_ones() {
     if !root_prereqs(&["runc"]) {
         return;
     }
+    // A stopped agent leaves its socket file behind: connections are refused.
+    let mut agent = Agent::start();
+    agent.stop();
+    assert!(agent.socket.exists());
     let tmp = tempfile::tempdir().unwrap();
     let log = tmp.path().join("hook.log");
     let args = || {
         vec![
-            format!(
-                "--grpc-address=unix://{}",
-                tmp.path().join("no-agent.sock").display()
-            ),
+            format!("--grpc-address={}", agent.address()),
             format!("--log-fname={}", log.display()),
             "--config-file=/nonexistent/rthooks-oci-hook.json".into(),
         ]
@@ -88,6 +99,7 @@ fn agent_down_refuses_normal_namespaces_and_allows_listed_ones() {
         BundleSpec {
             namespace: Some("shop"),
             labels: None,
+            poststop: false,
             hook_args: args(),
         },
     );
@@ -107,6 +119,7 @@ fn agent_down_refuses_normal_namespaces_and_allows_listed_ones() {
         BundleSpec {
             namespace: Some("kube-system"),
             labels: None,
+            poststop: false,
             hook_args: args(),
         },
     );
@@ -123,6 +136,7 @@ fn agent_down_refuses_normal_namespaces_and_allows_listed_ones() {
         BundleSpec {
             namespace: None,
             labels: None,
+            poststop: false,
             hook_args: args(),
         },
     );

@@ -222,6 +222,8 @@ pub struct BundleSpec<'a> {
     pub namespace: Option<&'a str>,
     pub hook_args: Vec<String>,
     pub labels: Option<&'a str>,
+    /// Also run the hook at poststop (RemoveContainer).
+    pub poststop: bool,
 }
 
 impl RuncContainer {
@@ -261,11 +263,18 @@ impl RuncContainer {
             ann.insert("rthooks.io/pod-labels".into(), l.into());
         }
         cfg["annotations"] = ann.into();
-        let mut args = vec!["rthooks-oci-hook".to_owned(), "createRuntime".to_owned()];
-        args.extend(spec.hook_args);
+        let argv = |stage: &str| {
+            let mut a = vec!["rthooks-oci-hook".to_owned(), stage.to_owned()];
+            a.extend(spec.hook_args.iter().cloned());
+            a
+        };
         cfg["hooks"] = serde_json::json!({
-            "createRuntime": [{"path": hook_exe(), "args": args, "timeout": 10}]
+            "createRuntime": [{"path": hook_exe(), "args": argv("createRuntime"), "timeout": 10}]
         });
+        if spec.poststop {
+            cfg["hooks"]["poststop"] =
+                serde_json::json!([{"path": hook_exe(), "args": argv("poststop"), "timeout": 10}]);
+        }
         std::fs::write(
             bundle.join("config.json"),
             serde_json::to_vec_pretty(&cfg).unwrap(),
@@ -306,6 +315,14 @@ impl RuncContainer {
             stdout: Vec::new(),
             stderr: std::fs::read(&err_path).unwrap(),
         }
+    }
+
+    /// `runc delete -f` (runs poststop hooks).
+    pub fn delete(&self) -> Output {
+        self.runc()
+            .args(["delete", "-f", &self.id])
+            .output()
+            .unwrap()
     }
 
     pub fn pid(&self) -> u32 {
