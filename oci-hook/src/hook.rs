@@ -459,3 +459,141 @@ fn finish(
         log_line: line,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    fn parsed(dir: &std::path::Path, args: &[&str]) -> Parsed {
+        let log = dir.join("hook.log");
+        let mut v = vec![
+            "rthooks-oci-hook",
+            "--grpc-address",
+            "unix:///nonexistent/agent.sock",
+            "--log-fname",
+            log.to_str().unwrap(),
+            "--config-file",
+            "/nonexistent/c.json",
+        ];
+        v.extend_from_slice(args);
+        config::parse(v.into_iter().map(str::to_owned).collect::<Vec<_>>()).unwrap()
+    }
+
+    fn bundle(dir: &std::path::Path, cfg: &str) -> String {
+        std::fs::write(dir.join("config.json"), cfg).unwrap();
+        format!(r#"{{"id":"c1","bundle":{:?}}}"#, dir.display())
+    }
+
+    fn log_lines(dir: &std::path::Path) -> Vec<Value> {
+        std::fs::read_to_string(dir.join("hook.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn stages() {
+        let d = tempfile::tempdir().unwrap();
+        let out = run(parsed(d.path(), &["createContainer"]), &b""[..], None);
+        assert_eq!(
+            (out.exit_code, out.log_line["decision"].as_str()),
+            (0, Some("nothing-to-do"))
+        );
+        let out = run(parsed(d.path(), &["poststop"]), &b""[..], None);
+        assert_eq!(out.exit_code, 0);
+        let out = run(parsed(d.path(), &["prestart"]), &b""[..], None);
+        assert_eq!(out.exit_code, 2);
+        assert!(out
+            .stderr
+            .unwrap()
+            .contains("unsupported hook stage \"prestart\""));
+        let out = run(parsed(d.path(), &[]), &b""[..], None);
+        assert_eq!(out.exit_code, 2);
+        assert_eq!(log_lines(d.path()).len(), 4);
+    }
+
+    #[test]
+    fn bad_inputs_give_one_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let ns = r#""annotations":{"io.kubernetes.cri.sandbox-namespace":"shop"}"#;
+        let cases: Vec<(Option<String>, &str)> = vec![
+            (
+                Some(format!(r#"{{"ociVersion":"1.0.2",{ns}}}"#)),
+                "no linux.cgroupsPath",
+            ),
+            (
+                Some(format!(
+                    r#"{{"ociVersion":"1.0.2","linux":{{"cgroupsPath":"a:b:c"}},{ns}}}"#
+                )),
+                "is not a slice",
+            ),
+            (
+                Some("{truncated".to_owned()),
+                "not a valid OCI runtime spec",
+            ),
+            (None, "no config.json in the bundle"),
+        ];
+        for (cfg, want) in cases {
+            let stdin = match cfg {
+                Some(cfg) => bundle(d.path(), &cfg),
+                None => r#"{"id":"c1","bundle":"/nonexistent/bundle"}"#.to_owned(),
+            };
+            let out = run(parsed(d.path(), &["createRuntime"]), stdin.as_bytes(), None);
+            assert_eq!(out.exit_code, 1, "{want}");
+            let err = out.stderr.unwrap();
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(err.contains(want), "{err} lacks {want}");
+        }
+        // A huge config.json is refused without reading it all.
+        let f = std::fs::File::create(d.path().join("config.json")).unwrap();
+        f.set_len(crate::state::MAX_CONFIG_BYTES + 1).unwrap();
+        let stdin = format!(r#"{{"id":"c1","bundle":{:?}}}"#, d.path().display());
+        let out = run(parsed(d.path(), &["createRuntime"]), stdin.as_bytes(), None);
+        assert!(out.stderr.unwrap().contains("is larger than"));
+        // An unreadable config (a directory in its place).
+        std::fs::remove_file(d.path().join("config.json")).unwrap();
+        std::fs::create_dir(d.path().join("config.json")).unwrap();
+        let out = run(parsed(d.path(), &["createRuntime"]), stdin.as_bytes(), None);
+        assert_eq!(out.exit_code, 1);
+        assert!(out.stderr.unwrap().contains("reading"));
+    }
+
+    #[test]
+    fn state_annotations_decide_when_config_is_unusable() {
+        let d = tempfile::tempdir().unwrap();
+        let stdin = r#"{"id":"c1","bundle":"/nonexistent","annotations":{"io.kubernetes.pod.namespace":"kube-system"}}"#;
+        let out = run(parsed(d.path(), &["createRuntime"]), stdin.as_bytes(), None);
+        assert_eq!(out.exit_code, 0, "{out:?}");
+        assert_eq!(out.log_line["decision"], "allowed-unregistered");
+    }
+
+    #[test]
+    fn log_level_filters_lines() {
+        let d = tempfile::tempdir().unwrap();
+        run(
+            parsed(d.path(), &["createContainer", "--log-level", "error"]),
+            &b""[..],
+            None,
+        );
+        assert!(log_lines(d.path()).is_empty());
+        run(
+            parsed(d.path(), &["createRuntime", "--log-level", "error"]),
+            &b""[..],
+            Some(d.path().to_owned()),
+        );
+        assert_eq!(log_lines(d.path()).len(), 1, "refusals are errors");
+        let out = run(
+            parsed(d.path(), &["createContainer", "--log-level", "loud"]),
+            &b""[..],
+            None,
+        );
+        let w = out.log_line["warnings"].as_array().unwrap();
+        assert!(
+            w.iter()
+                .any(|w| w.as_str().unwrap().contains("unknown --log-level")),
+            "{w:?}"
+        );
+    }
+}

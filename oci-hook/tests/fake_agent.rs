@@ -195,7 +195,7 @@ fn hung_agent_hits_the_deadline() {
     let took = t.elapsed();
     assert_eq!(out.exit_code, 1);
     assert!(out.stderr.unwrap().contains("did not answer within 300 ms"));
-    assert!(took < Duration::from_millis(1500), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
 }
 
 #[test]

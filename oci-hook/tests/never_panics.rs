@@ -72,6 +72,16 @@ proptest! {
     }
 
     #[test]
+    fn config_files(s in json_like()) {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("c.json");
+        std::fs::write(&f, &s).unwrap();
+        let p = config::parse(["rthooks-oci-hook", "createRuntime", "--config-file", f.to_str().unwrap()]).unwrap();
+        // Whatever the file says, a policy can be built from the result.
+        let _ = policy::FailurePolicy::from_config(&p.config);
+    }
+
+    #[test]
     fn whole_invocation(stdin in json_like(), cfg in json_like(), bundle_in_state in any::<bool>()) {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("config.json"), &cfg).unwrap();
