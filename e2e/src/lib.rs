@@ -5,11 +5,15 @@
 //! * [`images`]: locally built `localhost/pause:1` and `localhost/busybox:1` OCI tarballs.
 //! * [`containerd`]: a private containerd (1.7.24 or 2.1.9) with NRI, in a temp dir.
 //! * [`cri`]: a CRI v1 client doing what kubelet does (pods, containers, cleanup).
+//! * [`stack`]: containerd + `rthooks-agent` + `rthooks-nri-hook` + `rthooks-oci-hook`.
+//! * [`guest`]: the CRI scenarios `rthooks-e2e guest` runs in the VM guests.
 
 pub mod containerd;
 pub mod cri;
 pub mod debian;
+pub mod guest;
 pub mod images;
+pub mod stack;
 
 /// The CRI v1 types, re-exported for tests.
 pub use k8s_cri;

@@ -1,4 +1,84 @@
-//! Placeholder for the in-guest e2e runner; the harness lives in the library.
-fn main() {
-    println!("rthooks-e2e: the harness is a library (rthooks_e2e); the VM runner comes later");
+//! `rthooks-e2e`: the VM suite's entry points (see `vm/README.md`).
+//!
+//! * `prefetch` (on the host, before the guests boot: they have no network and a read-only
+//!   cache): fetches both containerd releases and builds the test images.
+//! * `guest --results FILE`: runs the CRI scenarios with the whole stack against both
+//!   containerd releases and appends result lines to FILE.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use rthooks_e2e::containerd::{binaries, Release};
+use rthooks_e2e::{guest, images};
+
+#[derive(Parser)]
+#[command(name = "rthooks-e2e", about = "rthooks end-to-end scenarios")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Download the containerd releases and build the OCI image tarballs (cached).
+    Prefetch,
+    /// Run the CRI scenarios (needs root) and append JSON result lines.
+    Guest {
+        /// The results file (JSON lines).
+        #[arg(long)]
+        results: PathBuf,
+        /// Where rthooks-agent, rthooksctl, rthooks-oci-hook and rthooks-nri-hook are
+        /// (default: this binary's directory).
+        #[arg(long, env = "RTHOOKS_BIN_DIR")]
+        bin_dir: Option<PathBuf>,
+        /// Only scenarios whose name contains this.
+        #[arg(long, env = "RTHOOKS_SCENARIO_FILTER", default_value = "")]
+        filter: String,
+        /// Per-scenario timeout in seconds.
+        #[arg(long, env = "RTHOOKS_SCENARIO_TIMEOUT", default_value_t = 180)]
+        timeout: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Prefetch => {
+            for r in Release::ALL {
+                let b = binaries(r)?;
+                eprintln!("prefetch: {r:?}: {}", b.containerd.display());
+            }
+            eprintln!("prefetch: {}", images::pause_tar()?.display());
+            eprintln!("prefetch: {}", images::busybox_tar()?.display());
+            Ok(())
+        }
+        Cmd::Guest {
+            results,
+            bin_dir,
+            filter,
+            timeout,
+        } => {
+            let bin_dir = bin_dir.unwrap_or_else(|| {
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|p| p.parent().map(PathBuf::from))
+                    .unwrap_or_default()
+            });
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let ok = rt.block_on(guest::run(
+                &results,
+                &bin_dir,
+                &filter,
+                Duration::from_secs(timeout),
+            ))?;
+            if !ok {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
 }

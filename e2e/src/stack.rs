@@ -1,0 +1,295 @@
+//! The whole rthooks node stack on a private containerd: `rthooks-agent` (own pin
+//! directory, policy directory and events file), `rthooks-nri-hook` registered with
+//! containerd's NRI, and the real `rthooks-oci-hook` injected into containers. Binaries
+//! come from a build directory (`target/debug`, or `RTHOOKS_BIN_DIR` in the VM guests).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::containerd::{Containerd, Release};
+
+/// Paths of the rthooks binaries.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    /// `rthooks-agent`.
+    pub agent: PathBuf,
+    /// `rthooksctl`.
+    pub ctl: PathBuf,
+    /// `rthooks-oci-hook`.
+    pub hook: PathBuf,
+    /// `rthooks-nri-hook`.
+    pub nri: PathBuf,
+}
+
+impl Binaries {
+    /// The binaries in `dir`; an error names the first one missing.
+    pub fn in_dir(dir: &Path) -> Result<Self> {
+        let b = Binaries {
+            agent: dir.join("rthooks-agent"),
+            ctl: dir.join("rthooksctl"),
+            hook: dir.join("rthooks-oci-hook"),
+            nri: dir.join("rthooks-nri-hook"),
+        };
+        for p in [&b.agent, &b.ctl, &b.hook, &b.nri] {
+            if !p.is_file() {
+                bail!("{} is not built", p.display());
+            }
+        }
+        Ok(b)
+    }
+}
+
+/// A child process stopped with SIGTERM (then SIGKILL) on drop.
+pub struct Proc {
+    child: Child,
+    /// Its stderr log.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: PathBuf) -> Result<Self> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(log.with_extension("out"))?)
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("spawning {cmd:?}"))?;
+        Ok(Proc { child, log })
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+
+    /// Stops it (SIGTERM, SIGKILL after 10 s).
+    pub fn stop(&mut self) {
+        // SAFETY: kill(2) on our own, unreaped child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.running() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls `f` every 50 ms until it holds or `timeout` passes.
+pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A running stack. Dropping it stops the plugin and the agent, removes the agent's
+/// pins, then tears containerd down.
+pub struct Stack {
+    /// Binaries used.
+    pub bins: Binaries,
+    /// The agent's address (`unix:///...`).
+    pub address: String,
+    /// Scratch directory (policies, logs, events, agent state).
+    pub dir: tempfile::TempDir,
+    /// The agent, when running.
+    pub agent: Option<Proc>,
+    /// The NRI plugin, when running.
+    pub plugin: Option<Proc>,
+    pin_dir: PathBuf,
+    /// containerd (dropped last).
+    pub containerd: Containerd,
+}
+
+impl Stack {
+    /// Starts containerd `release`, writes `policies` (file name, YAML), then the agent and
+    /// the NRI plugin; returns once the plugin has registered.
+    pub async fn start(
+        release: Release,
+        bins: Binaries,
+        policies: &[(&str, &str)],
+    ) -> Result<Self> {
+        let containerd = Containerd::start(release).await?;
+        let base =
+            std::env::var_os("RTHOOKS_TMP").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+        let dir = tempfile::Builder::new().prefix("rths-").tempdir_in(base)?;
+        std::fs::create_dir_all(dir.path().join("policies"))?;
+        for (name, yaml) in policies {
+            std::fs::write(dir.path().join("policies").join(name), yaml)?;
+        }
+        let address = format!("unix://{}", dir.path().join("agent.sock").display());
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/rthooks-e2e-{}-{}",
+            std::process::id(),
+            dir.path().file_name().unwrap().to_string_lossy()
+        ));
+        let mut stack = Stack {
+            bins,
+            address,
+            dir,
+            agent: None,
+            plugin: None,
+            pin_dir,
+            containerd,
+        };
+        stack.start_agent().await?;
+        stack.start_plugin().await?;
+        Ok(stack)
+    }
+
+    /// The events file the agent writes (JSON lines).
+    pub fn events_file(&self) -> PathBuf {
+        self.dir.path().join("events.jsonl")
+    }
+
+    /// Starts the agent and waits for its socket.
+    pub async fn start_agent(&mut self) -> Result<()> {
+        let d = self.dir.path();
+        let sock = d.join("agent.sock");
+        let _ = std::fs::remove_file(&sock);
+        let proc = Proc::spawn(
+            Command::new(&self.bins.agent)
+                .arg("--grpc-address")
+                .arg(&self.address)
+                .arg("--bpf-pin-dir")
+                .arg(&self.pin_dir)
+                .arg("--policy-dir")
+                .arg(d.join("policies"))
+                .arg("--state-dir")
+                .arg(d.join("agent-state"))
+                .arg("--trust-label-annotation")
+                .arg("--events-file")
+                .arg(self.events_file()),
+            d.join("agent.log"),
+        )?;
+        self.agent = Some(proc);
+        if !wait_until(Duration::from_secs(60), || sock.exists()).await {
+            bail!(
+                "the agent did not open its socket:\n{}",
+                self.agent.as_ref().unwrap().log_text()
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the agent (its pins stay: enforcement goes on without it).
+    pub fn stop_agent(&mut self) {
+        self.agent.take();
+    }
+
+    /// Starts the NRI plugin and waits for its registration.
+    pub async fn start_plugin(&mut self) -> Result<()> {
+        let d = self.dir.path();
+        let hook_args = format!(
+            "rthooks-oci-hook,createRuntime,--grpc-address={},--log-fname={}",
+            self.address,
+            d.join("hook.log").display()
+        );
+        let proc = Proc::spawn(
+            Command::new(&self.bins.nri)
+                .arg("--socket")
+                .arg(self.containerd.nri_socket())
+                .arg("--hook-path")
+                .arg(&self.bins.hook)
+                .arg("--hook-args")
+                .arg(hook_args)
+                .arg("--agent-address")
+                .arg(&self.address),
+            d.join("nri-hook.log"),
+        )?;
+        let registered = |p: &Proc| {
+            p.log_text()
+                .lines()
+                .any(|l| l.contains("registered") && l.contains("runtime="))
+        };
+        self.plugin = Some(proc);
+        let p = self.plugin.as_ref().unwrap();
+        if !wait_until(Duration::from_secs(30), || registered(p)).await {
+            bail!("the NRI plugin did not register:\n{}", p.log_text());
+        }
+        Ok(())
+    }
+
+    /// Stops the NRI plugin.
+    pub fn stop_plugin(&mut self) {
+        self.plugin.take();
+    }
+
+    /// `rthooksctl -o json containers` (empty when the agent does not answer).
+    pub fn containers(&self) -> Vec<serde_json::Value> {
+        self.ctl_json(&["containers"])
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// The agent's entry for container `id`.
+    pub fn container(&self, id: &str) -> Option<serde_json::Value> {
+        self.containers()
+            .into_iter()
+            .find(|c| c["container_id"] == id)
+    }
+
+    /// `rthooksctl -o json status`.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        self.ctl_json(&["status"])
+    }
+
+    fn ctl_json(&self, cmd: &[&str]) -> Option<serde_json::Value> {
+        let out = Command::new(&self.bins.ctl)
+            .args(["--address", &self.address, "-o", "json"])
+            .args(cmd)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Enforcement events so far that mention `needle` (e.g. a container id).
+    pub fn events_about(&self, needle: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.events_file())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.plugin.take();
+        self.agent.take();
+        // Detach the programs: nothing of the test may keep enforcing.
+        let _ = Command::new(&self.bins.agent)
+            .arg("--unpin")
+            .arg("--bpf-pin-dir")
+            .arg(&self.pin_dir)
+            .output();
+        let _ = std::fs::remove_dir(&self.pin_dir);
+    }
+}
