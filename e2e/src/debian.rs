@@ -27,10 +27,17 @@ pub struct Package {
 /// The suites the private sources list offers.
 pub const SUITES: &[&str] = &["trixie", "sid"];
 
-/// `$RTHOOKS_CACHE`, else `~/.cache/rthooks`.
+/// `$RTHOOKS_CACHE`, else the parent of `$RTHOOKS_USERLAND` (set in the VM guests, whose
+/// `HOME` is not the host's), else `~/.cache/rthooks`.
 pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("RTHOOKS_CACHE") {
         return PathBuf::from(d);
+    }
+    if let Some(parent) = std::env::var_os("RTHOOKS_USERLAND")
+        .map(PathBuf::from)
+        .and_then(|u| u.parent().map(PathBuf::from))
+    {
+        return parent;
     }
     let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
     PathBuf::from(home).join(".cache/rthooks")
