@@ -13,10 +13,13 @@ const EXECS: usize = 2000;
 
 fn exec_loop(cgroup: &Cgroup) -> Duration {
     let tmp = std::env::temp_dir();
-    let truebin = ["/usr/bin/true", "/bin/true"].into_iter().find(|p| std::path::Path::new(p).exists()).unwrap();
+    let truebin = ["/usr/bin/true", "/bin/true"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap();
     let start = Instant::now();
     for _ in 0..EXECS {
-        assert!(run_in(cgroup, &tmp, truebin, &[]).success());
+        assert!(run_in(cgroup, &tmp, truebin, &[]).succeeded());
     }
     start.elapsed()
 }
@@ -39,23 +42,41 @@ fn main() {
     // A policy that selects the pod but names another binary: every exec pays the full
     // path walk and both lookups, and nothing is killed.
     agent
-        .add_policy(&policy_yaml("bench", "web", std::path::Path::new("/nonexistent/bin/x"), "Deny"))
+        .add_policy(&policy_yaml(
+            "bench",
+            "web",
+            std::path::Path::new("/nonexistent/bin/x"),
+            "Deny",
+        ))
         .unwrap();
     let mut hook = Vec::new();
     for i in 0..200 {
         let c = registered.child(&format!("c{i}"));
         let t = Instant::now();
-        agent.runtime_hook(hook_request(&c, &format!("bench-{i}"), r#"{"app":"web"}"#)).unwrap();
+        agent
+            .runtime_hook(hook_request(&c, &format!("bench-{i}"), r#"{"app":"web"}"#))
+            .unwrap();
         hook.push(t.elapsed());
     }
-    agent.runtime_hook(hook_request(&registered, "bench-pod", r#"{"app":"web"}"#)).unwrap();
+    agent
+        .runtime_hook(hook_request(&registered, "bench-pod", r#"{"app":"web"}"#))
+        .unwrap();
     let unregistered = exec_loop(&plain);
     let matched = exec_loop(&registered);
     hook.sort();
     println!("exec loop of {EXECS} fork+exec of true (µs per exec):");
-    println!("  programs detached                      {:8.1}", per_exec(detached));
-    println!("  attached, unregistered cgroup          {:8.1}", per_exec(unregistered));
-    println!("  attached, registered + policy selects  {:8.1}", per_exec(matched));
+    println!(
+        "  programs detached                      {:8.1}",
+        per_exec(detached)
+    );
+    println!(
+        "  attached, unregistered cgroup          {:8.1}",
+        per_exec(unregistered)
+    );
+    println!(
+        "  attached, registered + policy selects  {:8.1}",
+        per_exec(matched)
+    );
     println!(
         "RuntimeHook registration over gRPC (200 calls, new connection each): p50 {:.2} ms, p99 {:.2} ms",
         hook[hook.len() / 2].as_secs_f64() * 1e3,

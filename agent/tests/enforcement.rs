@@ -45,30 +45,35 @@ fn denied_binary_never_runs_and_the_event_names_the_pod() {
     assert_eq!(listed[0].policies, ["deny-victim"]);
 
     for how in ["absolute", "symlink", "relative"] {
-        let (status, ran) = victim.run(&pod, how);
-        assert!(killed(status), "{how}: expected SIGKILL, got {status}");
+        let (outcome, ran) = victim.run(&pod, how);
+        assert!(
+            agent.denied(&outcome),
+            "{how}: expected a deny ({} mode), got {outcome:?}",
+            agent.mode()
+        );
         assert!(!ran, "{how}: the denied binary ran a line of its own");
     }
-    let (status, ran) = victim.run(&other, "absolute");
+    let (outcome, ran) = victim.run(&other, "absolute");
     assert!(
-        status.success() && ran,
-        "unrelated cgroup must run it: {status}"
+        outcome.succeeded() && ran,
+        "unrelated cgroup must run it: {outcome:?}"
     );
 
     // crun's child cgroup, or a process stepping into a nested cgroup, stays covered.
     let nested = pod.child("nested");
-    let (status, ran) = victim.run(&nested, "absolute");
-    assert!(killed(status) && !ran, "nested cgroup escaped the policy");
+    let (outcome, ran) = victim.run(&nested, "absolute");
+    assert!(
+        agent.denied(&outcome) && !ran,
+        "nested cgroup escaped the policy: {outcome:?}"
+    );
 
     let events = wait_for("events", WAIT, || {
         let e = agent.events();
         (e.len() >= 4).then_some(e)
     });
     let e = &events[0];
-    assert_eq!(
-        e["action"], "kill",
-        "sigkill mode reports Deny as kill: {e}"
-    );
+    // sigkill mode carries a Deny out as a kill and reports it so.
+    assert_eq!(e["action"], agent.deny_action(), "{e}");
     assert_eq!(e["binary"], victim.path.to_str().unwrap());
     assert_eq!(e["container"]["pod_name"], "web-0");
     assert_eq!(e["container"]["pod_namespace"], "shop");
@@ -90,8 +95,11 @@ fn audit_reports_without_stopping_and_kill_kills() {
     agent
         .runtime_hook(hook_request(&pod, "c-audit", r#"{"app":"web"}"#))
         .unwrap();
-    let (status, ran) = victim.run(&pod, "absolute");
-    assert!(status.success() && ran, "audit must not stop the binary");
+    let (outcome, ran) = victim.run(&pod, "absolute");
+    assert!(
+        outcome.succeeded() && ran,
+        "audit must not stop the binary: {outcome:?}"
+    );
     let e = wait_for("audit event", WAIT, || agent.events().into_iter().next());
     assert_eq!(e["action"], "audit");
 
@@ -100,8 +108,8 @@ fn audit_reports_without_stopping_and_kill_kills() {
     agent
         .add_policy(&policy_yaml("kill-victim", "web", &victim.path, "Kill"))
         .unwrap();
-    let (status, ran) = victim.run(&pod, "absolute");
-    assert!(killed(status) && !ran);
+    let (outcome, ran) = victim.run(&pod, "absolute");
+    assert!(matches!(outcome, Outcome::Killed) && !ran, "{outcome:?}");
     let e = wait_for("kill event", WAIT, || agent.events().into_iter().nth(1));
     assert_eq!(e["action"], "kill");
     let policies: Vec<String> = e["policies"]
@@ -134,7 +142,7 @@ fn policy_stops_applying_when_labels_change_or_the_policy_goes() {
     agent
         .runtime_hook(hook_request(&pod, "c1", r#"{"app":"web"}"#))
         .unwrap();
-    assert!(killed(victim.run(&pod, "absolute").0));
+    assert!(agent.denied(&victim.run(&pod, "absolute").0));
 
     // Dry run lists the container without loading anything.
     let selected = agent.check_policy(&policy_yaml("other", "web", &victim.path, "Deny"));
@@ -145,24 +153,24 @@ fn policy_stops_applying_when_labels_change_or_the_policy_goes() {
     agent
         .runtime_hook(hook_request(&pod, "c1", r#"{"app":"db"}"#))
         .unwrap();
-    let (status, ran) = victim.run(&pod, "absolute");
+    let (outcome, ran) = victim.run(&pod, "absolute");
     assert!(
-        status.success() && ran,
-        "label change must lift the policy: {status}"
+        outcome.succeeded() && ran,
+        "label change must lift the policy: {outcome:?}"
     );
     assert_eq!(agent.map_entries("containers"), 0);
 
     agent
         .runtime_hook(hook_request(&pod, "c1", r#"{"app":"web"}"#))
         .unwrap();
-    assert!(killed(victim.run(&pod, "absolute").0));
+    assert!(agent.denied(&victim.run(&pod, "absolute").0));
     // Policy file removed: the policy and its map entries go.
     std::fs::remove_file(agent.policy_dir().join("deny.yaml")).unwrap();
     wait_policies(&agent, 0);
-    let (status, ran) = victim.run(&pod, "absolute");
+    let (outcome, ran) = victim.run(&pod, "absolute");
     assert!(
-        status.success() && ran,
-        "deleted policy still applied: {status}"
+        outcome.succeeded() && ran,
+        "deleted policy still applied: {outcome:?}"
     );
     assert_eq!(
         (
@@ -194,8 +202,8 @@ fn spoofed_label_annotation_is_ignored_unless_trusted() {
         c.pod_labels
     );
     assert!(c.policies.is_empty());
-    let (status, ran) = victim.run(&pod, "absolute");
-    assert!(status.success() && ran);
+    let (outcome, ran) = victim.run(&pod, "absolute");
+    assert!(outcome.succeeded() && ran, "{outcome:?}");
 }
 
 #[test]
@@ -258,12 +266,17 @@ fn enforcement_survives_an_agent_crash_and_restart() {
         .unwrap();
     let before = agent.policies();
 
+    let mode = agent.mode();
     agent.kill();
     for _ in 0..3 {
-        let (status, ran) = victim.run(&pod, "absolute");
+        let (outcome, ran) = victim.run(&pod, "absolute");
+        let denied = match mode.as_str() {
+            "lsm" => matches!(outcome, Outcome::ExecDenied),
+            _ => matches!(outcome, Outcome::Killed),
+        };
         assert!(
-            killed(status) && !ran,
-            "enforcement stopped while the agent was down"
+            denied && !ran,
+            "enforcement stopped while the agent was down: {outcome:?}"
         );
     }
     agent.spawn();
@@ -279,7 +292,7 @@ fn enforcement_survives_an_agent_crash_and_restart() {
     let c = agent.containers();
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].cgroup_id, pod.id());
-    assert!(killed(victim.run(&pod, "absolute").0));
+    assert!(agent.denied(&victim.run(&pod, "absolute").0));
     assert_eq!(agent.map_entries("containers"), 1);
 }
 

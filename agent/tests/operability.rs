@@ -83,8 +83,8 @@ fn metrics_events_stream_logs_and_cli() {
             .unwrap()
             .into_inner()
     });
-    let (status, ran) = victim.run(&pod, "absolute");
-    assert!(killed(status) && !ran);
+    let (outcome, ran) = victim.run(&pod, "absolute");
+    assert!(agent.denied(&outcome) && !ran, "{outcome:?}");
     let event = rt
         .block_on(async { tokio::time::timeout(Duration::from_secs(20), stream.message()).await })
         .expect("event within 20 s")
@@ -180,7 +180,8 @@ fn socket_refuses_unauthorized_uids_even_when_its_mode_allows_them() {
     std::fs::set_permissions(agent.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let run_as = |uid: u32| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rthooksctl"));
-        cmd.arg(format!("--address=unix://{}", agent.socket.display())).arg("status");
+        cmd.arg(format!("--address=unix://{}", agent.socket.display()))
+            .arg("status");
         // SAFETY: setuid only, between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -195,7 +196,11 @@ fn socket_refuses_unauthorized_uids_even_when_its_mode_allows_them() {
     let nobody = run_as(65534);
     assert!(!nobody.status.success(), "uid 65534 was served");
     let root = run_as(0);
-    assert!(root.status.success(), "{}", String::from_utf8_lossy(&root.stderr));
+    assert!(
+        root.status.success(),
+        "{}",
+        String::from_utf8_lossy(&root.stderr)
+    );
     assert!(agent.log().contains("unauthorized uid"));
 }
 
@@ -212,6 +217,10 @@ fn unpin_detaches_everything() {
         .arg("--unpin")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!agent.pin_dir.exists());
 }

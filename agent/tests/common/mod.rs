@@ -203,6 +203,28 @@ impl Agent {
             .policies
     }
 
+    /// "lsm" or "sigkill".
+    pub fn mode(&self) -> String {
+        self.status().enforcement_mode
+    }
+
+    /// A Deny as this agent's mode carries it out: EPERM in lsm mode, SIGKILL otherwise.
+    pub fn denied(&self, outcome: &Outcome) -> bool {
+        match self.mode().as_str() {
+            "lsm" => matches!(outcome, Outcome::ExecDenied),
+            _ => matches!(outcome, Outcome::Killed),
+        }
+    }
+
+    /// The action events report for a Deny in this mode.
+    pub fn deny_action(&self) -> &'static str {
+        if self.mode() == "lsm" {
+            "deny"
+        } else {
+            "kill"
+        }
+    }
+
     pub fn map_entries(&self, name: &str) -> u64 {
         self.status()
             .maps
@@ -316,8 +338,29 @@ impl Drop for Cgroup {
     }
 }
 
+/// What became of an exec.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The program ran and exited (or was killed by something else).
+    Ran(ExitStatus),
+    /// SIGKILL before or while running (sigkill mode, or a Kill rule).
+    Killed,
+    /// execve failed with EPERM (lsm mode Deny): nothing of the binary ran.
+    ExecDenied,
+}
+
+impl Outcome {
+    pub fn succeeded(&self) -> bool {
+        matches!(self, Outcome::Ran(s) if s.success())
+    }
+
+    pub fn stopped(&self) -> bool {
+        matches!(self, Outcome::Killed | Outcome::ExecDenied)
+    }
+}
+
 /// Runs `program args` with the child moved into `cgroup` before it execs, in `cwd`.
-pub fn run_in(cgroup: &Cgroup, cwd: &Path, program: &str, args: &[&str]) -> ExitStatus {
+pub fn run_in(cgroup: &Cgroup, cwd: &Path, program: &str, args: &[&str]) -> Outcome {
     let procs = CString::new(cgroup.path.join("cgroup.procs").to_str().unwrap()).unwrap();
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -340,11 +383,12 @@ pub fn run_in(cgroup: &Cgroup, cwd: &Path, program: &str, args: &[&str]) -> Exit
             }
         });
     }
-    cmd.status().unwrap()
-}
-
-pub fn killed(status: ExitStatus) -> bool {
-    status.signal() == Some(libc::SIGKILL)
+    match cmd.status() {
+        Ok(status) if status.signal() == Some(libc::SIGKILL) => Outcome::Killed,
+        Ok(status) => Outcome::Ran(status),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Outcome::ExecDenied,
+        Err(e) => panic!("running {program}: {e}"),
+    }
 }
 
 /// A copy of `touch` at a path of its own: running it creates the file named by its
@@ -375,11 +419,11 @@ impl Victim {
         self.dir.path().join(name)
     }
 
-    /// Runs the victim in `cgroup`; returns (status, whether it wrote its file).
-    pub fn run(&self, cgroup: &Cgroup, how: &str) -> (ExitStatus, bool) {
+    /// Runs the victim in `cgroup`; returns the outcome and whether it wrote its file.
+    pub fn run(&self, cgroup: &Cgroup, how: &str) -> (Outcome, bool) {
         let marker = self.marker(&unique("ran"));
         let marker_s = marker.to_str().unwrap().to_string();
-        let status = match how {
+        let outcome = match how {
             "absolute" => run_in(
                 cgroup,
                 self.dir.path(),
@@ -400,7 +444,7 @@ impl Victim {
             ),
             other => panic!("unknown way {other}"),
         };
-        (status, marker.exists())
+        (outcome, marker.exists())
     }
 }
 
