@@ -102,6 +102,10 @@ pub struct HooksDArgs {
     /// File name in the hooks directory.
     #[arg(long, default_value = DEFAULT_HOOKS_FILE)]
     pub file_name: String,
+    /// Also install a poststop hook (`<name>-poststop.json`) that tells the agent when a
+    /// container is gone (the agent also notices removed cgroups by itself).
+    #[arg(long)]
+    pub poststop: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -228,24 +232,27 @@ fn install_hooks_d(a: &HooksDArgs) -> Result<Vec<String>> {
     let mut tx = Tx::open(&c.state_dir(), "hooks-d")?;
     // Order matters: CRI-O rejects a hook file whose binary does not exist yet.
     install_binary(&mut tx, c)?;
-    let doc = hooks_d_json(
-        &c.installed_binary(),
-        &c.hook_argv("createRuntime")?,
-        c.hook_timeout,
-    );
-    let mut text = serde_json::to_string_pretty(&doc).expect("serialisable");
-    text.push('\n');
-    tx.write(
-        &a.hooks_dir.join(&a.file_name),
-        text.as_bytes(),
-        0o644,
-        false,
-    )?;
+    let mut files = vec![(a.file_name.clone(), "createRuntime")];
+    if a.poststop {
+        let stem = a.file_name.strip_suffix(".json").unwrap_or(&a.file_name);
+        files.push((format!("{stem}-poststop.json"), "poststop"));
+    }
+    for (name, stage) in files {
+        let doc = hooks_d_json(
+            &c.installed_binary(),
+            &c.hook_argv(stage)?,
+            c.hook_timeout,
+            stage,
+        );
+        let mut text = serde_json::to_string_pretty(&doc).expect("serialisable");
+        text.push('\n');
+        tx.write(&a.hooks_dir.join(name), text.as_bytes(), 0o644, false)?;
+    }
     Ok(tx.finish())
 }
 
-/// The hooks.d 1.0.0 document.
-pub fn hooks_d_json(binary: &Path, argv: &[String], timeout: u32) -> Json {
+/// The hooks.d 1.0.0 document for one stage.
+pub fn hooks_d_json(binary: &Path, argv: &[String], timeout: u32, stage: &str) -> Json {
     json!({
         "version": "1.0.0",
         "hook": {
@@ -254,7 +261,7 @@ pub fn hooks_d_json(binary: &Path, argv: &[String], timeout: u32) -> Json {
             "timeout": timeout,
         },
         "when": { "always": true },
-        "stages": ["createRuntime"],
+        "stages": [stage],
     })
 }
 

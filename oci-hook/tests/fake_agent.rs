@@ -336,3 +336,79 @@ fn config_file_beside_binary_and_env() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid fail CEL expression"));
 }
+
+/// Many hook processes at once on one small log: every line arrives whole, in the live
+/// file or a rotated one, and rotation keeps the configured number of backups.
+#[test]
+fn concurrent_hook_processes_share_the_log() {
+    let d = tempfile::tempdir().unwrap();
+    let state = bundle(d.path(), "shop");
+    // Large annotations make ~2 KiB lines at debug level, so 1 MiB rotates a few times.
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("bundle/config.json")).unwrap())
+            .unwrap();
+    cfg["annotations"]["padding"] = "p".repeat(1800).into();
+    std::fs::write(
+        d.path().join("bundle/config.json"),
+        serde_json::to_vec(&cfg).unwrap(),
+    )
+    .unwrap();
+    let log = d.path().join("many.log");
+    let exe = env!("CARGO_BIN_EXE_rthooks-oci-hook");
+    let (procs, each) = (8, 100);
+    let workers: Vec<_> = (0..procs)
+        .map(|_| {
+            let (state, log) = (state.clone(), log.clone());
+            std::thread::spawn(move || {
+                for _ in 0..each {
+                    let mut child = Command::new(exe)
+                        .args([
+                            "createRuntime",
+                            "--disable-grpc",
+                            "--log-level=debug",
+                            "--log-max-size=1",
+                        ])
+                        .args(["--log-max-backups=10", "--config-file=/nonexistent/c.json"])
+                        .arg(format!("--log-fname={}", log.display()))
+                        .stdin(Stdio::piped())
+                        .spawn()
+                        .unwrap();
+                    use std::io::Write;
+                    child
+                        .stdin
+                        .take()
+                        .unwrap()
+                        .write_all(state.as_bytes())
+                        .unwrap();
+                    assert!(child.wait().unwrap().success());
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let mut total = 0;
+    let mut files = 0;
+    for e in std::fs::read_dir(d.path()).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("many.log") || name.ends_with(".lock") {
+            continue;
+        }
+        files += 1;
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        assert!(
+            text.len() <= (1 << 20) + (64 << 10),
+            "{name} is {} bytes",
+            text.len()
+        );
+        for l in text.lines() {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("torn line in {name}: {e}"));
+            assert_eq!(v["decision"], "not-sent");
+            total += 1;
+        }
+    }
+    assert!(files > 1, "the log rotated");
+    assert_eq!(total, procs * each, "no line lost across {files} files");
+}

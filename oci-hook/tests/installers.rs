@@ -96,7 +96,10 @@ fn hooks_d_install_twice_then_uninstall() {
     let before = snapshot(&[&hooks, &e.root.join("opt")]);
     let mut args = vec!["hooks-d".to_owned(), "--hooks-dir".into(), e.p("hooks.d")];
     args.extend(e.common());
-    args.extend(["--hook-arg=--grpc-timeout=1s".to_owned()]);
+    args.extend([
+        "--hook-arg=--grpc-timeout=1s".to_owned(),
+        "--poststop".to_owned(),
+    ]);
     let t = target(&strs(&args));
 
     install::install(&t).unwrap();
@@ -120,6 +123,11 @@ fn hooks_d_install_twice_then_uninstall() {
     assert_eq!(doc["hook"]["timeout"], 5);
     assert_eq!(doc["when"]["always"], true);
     assert_eq!(doc["stages"], serde_json::json!(["createRuntime"]));
+    let post: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(hooks.join("rthooks-poststop.json")).unwrap())
+            .unwrap();
+    assert_eq!(post["stages"], serde_json::json!(["poststop"]));
+    assert_eq!(post["hook"]["args"][1], "poststop");
 
     let after_first = snapshot(&[&hooks, &e.root.join("opt")]);
     let report = install::install(&t).unwrap();

@@ -48,7 +48,7 @@ fn podman_runs_the_hook_from_our_hooks_d_file() {
 
     let install = |verb: &str| {
         Command::new(hook_exe())
-            .args([verb, "hooks-d"])
+            .args([verb, "hooks-d", "--poststop"])
             .arg("--hooks-dir")
             .arg(&hooks_dir)
             .arg("--install-dir")
@@ -132,7 +132,16 @@ fn podman_runs_the_hook_from_our_hooks_d_file() {
         line["total_ms"]
     );
 
+    // podman ran the poststop hook on removal: the agent was told.
+    let post = log_lines(&log)
+        .into_iter()
+        .find(|l| l["stage"] == "poststop" && l["container_id"] == id.as_str());
+    let post = post.unwrap_or_else(|| panic!("no poststop line: {:?}", log_lines(&log)));
+    assert_eq!(post["decision"], "removed", "{post}");
+    assert!(!agent.containers().iter().any(|c| c.container_id == id));
+
     ok("uninstall hooks-d", install("uninstall"));
     assert!(!hooks_dir.join("rthooks.json").exists());
+    assert!(!hooks_dir.join("rthooks-poststop.json").exists());
     assert!(!t.join("opt/rthooks-oci-hook").exists());
 }
