@@ -310,12 +310,25 @@ fn config_file_beside_binary_and_env() {
         r#"{"grpc-address":"unix:///from/file.sock","fail-allow-namespaces":"a,b","grpc-timeout":"750ms"}"#,
     )
     .unwrap();
-    let out = Command::new(&bin)
-        .args(["--just-print-config", "--grpc-timeout", "1s"])
-        .env("RTHOOKS_OCI_HOOK_FAIL_OPEN", "true")
-        .env("RTHOOKS_OCI_HOOK_FAIL_ALLOW_NAMESPACES", "env-ns")
-        .output()
-        .unwrap();
+    // Other tests fork concurrently: a child may briefly hold the copy's write descriptor
+    // (ETXTBSY) until it execs.
+    let output = |cmd: &mut Command| {
+        for _ in 0..100 {
+            match cmd.output() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                r => return r.unwrap(),
+            }
+        }
+        panic!("{bin:?} stayed busy")
+    };
+    let out = output(
+        Command::new(&bin)
+            .args(["--just-print-config", "--grpc-timeout", "1s"])
+            .env("RTHOOKS_OCI_HOOK_FAIL_OPEN", "true")
+            .env("RTHOOKS_OCI_HOOK_FAIL_ALLOW_NAMESPACES", "env-ns"),
+    );
     assert!(out.status.success(), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["grpc-address"], "unix:///from/file.sock");
@@ -329,10 +342,11 @@ fn config_file_beside_binary_and_env() {
 
     // A broken expression is reported by --just-print-config (exit 1), not discovered
     // when the agent is down.
-    let out = Command::new(&bin)
-        .args(["--just-print-config", "--fail-cel-expr", "annotations[["])
-        .output()
-        .unwrap();
+    let out = output(Command::new(&bin).args([
+        "--just-print-config",
+        "--fail-cel-expr",
+        "annotations[[",
+    ]));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid fail CEL expression"));
 }
