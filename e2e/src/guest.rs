@@ -76,6 +76,26 @@ impl Verdict {
     }
 }
 
+/// How much longer than on a host to wait: TCG guests run an order of magnitude slower.
+fn patience() -> f64 {
+    if let Some(p) = std::env::var("RTHOOKS_E2E_PATIENCE")
+        .ok()
+        .and_then(|p| p.parse().ok())
+    {
+        return p;
+    }
+    if std::env::var_os("RTHOOKS_KERNEL").is_some() {
+        6.0
+    } else {
+        1.0
+    }
+}
+
+/// `n` seconds, stretched by [`patience`].
+fn secs(n: u64) -> Duration {
+    Duration::from_secs_f64(n as f64 * patience())
+}
+
 fn runtime_name(r: Release) -> &'static str {
     match r {
         Release::V2_1 => "containerd-2.1",
@@ -126,7 +146,7 @@ async fn identity(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
         .await?;
     let id = cri.create_container(&pod, &sleeper("nginx")).await?;
     cri.start_container(&id).await?;
-    if !wait_until(Duration::from_secs(10), || stack.container(&id).is_some()).await {
+    if !wait_until(secs(10), || stack.container(&id).is_some()).await {
         bail!("the agent does not list the container");
     }
     let c = stack.container(&id).unwrap();
@@ -160,7 +180,7 @@ async fn first_instruction(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
         Ok(()) => {
             // sigkill mode: the exec happens and is killed before it runs on.
             let mut exit = None;
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + secs(10);
             while exit.is_none() && Instant::now() < deadline {
                 let (st, _) = cri.container_status(&id).await?;
                 if st.state == ContainerState::ContainerExited as i32 {
@@ -174,12 +194,10 @@ async fn first_instruction(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
             }
         }
     };
-    if !wait_until(Duration::from_secs(10), || {
-        !stack.events_about(&id).is_empty()
-    })
-    .await
-    {
-        bail!("no enforcement event for the container");
+    if !wait_until(secs(10), || !stack.events_about(&id).is_empty()).await {
+        let events = std::fs::read_to_string(stack.events_file()).unwrap_or_default();
+        let tail: Vec<&str> = events.lines().rev().take(3).collect();
+        bail!("{how}, but no enforcement event names the container; last events: {tail:?}");
     }
     let ev = stack.events_about(&id)[0].clone();
     cri.remove_pod(&pod).await?;
@@ -221,13 +239,13 @@ async fn removal(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
         .await?;
     let id = cri.create_container(&pod, &sleeper("gone")).await?;
     cri.start_container(&id).await?;
-    if !wait_until(Duration::from_secs(10), || stack.container(&id).is_some()).await {
+    if !wait_until(secs(10), || stack.container(&id).is_some()).await {
         bail!("the agent never listed the container");
     }
     cri.stop_container(&id, 0).await?;
     cri.remove_container(&id).await?;
     let t = Instant::now();
-    let gone = wait_until(Duration::from_secs(10), || stack.container(&id).is_none()).await;
+    let gone = wait_until(secs(10), || stack.container(&id).is_none()).await;
     cri.remove_pod(&pod).await?;
     if !gone {
         bail!("the agent still lists the removed container");
@@ -243,7 +261,7 @@ async fn sync_not_covered(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
     let id = cri.create_container(&pod, &sleeper("dark")).await?;
     cri.start_container(&id).await?;
     stack.start_plugin().await?;
-    let seen = wait_until(Duration::from_secs(15), || stack.container(&id).is_some()).await;
+    let seen = wait_until(secs(15), || stack.container(&id).is_some()).await;
     let entry = stack.container(&id);
     cri.remove_pod(&pod).await?;
     if !seen {
