@@ -63,14 +63,11 @@ pub fn run(parsed: Parsed, stdin: impl Read, cwd: Option<PathBuf>) -> Outcome {
         warnings.push(format!("unknown --log-level {:?}, using info", c.log_level));
         Level::Info
     });
-    let (policy, policy_errors) = FailurePolicy::from_config(c);
-    warnings.extend(
-        policy_errors
-            .iter()
-            .map(|e| format!("{e}; using the allow lists instead")),
-    );
-
     if parsed.just_print_config {
+        // The failure rule is only compiled when a container fails (compiling a CEL
+        // expression costs about a millisecond, half of a registration); here is where
+        // an admin learns that it does not compile.
+        warnings.extend(policy_warnings(c).1);
         let mut out = c.to_json();
         out.push('\n');
         let stderr = (!warnings.is_empty()).then(|| warnings.join("\n"));
@@ -133,23 +130,25 @@ pub fn run(parsed: Parsed, stdin: impl Read, cwd: Option<PathBuf>) -> Outcome {
             None,
         ),
         Stage::Poststop => poststop(c, stdin, line, start, level_threshold, warnings),
-        Stage::CreateRuntime => create_runtime(
-            c,
-            &policy,
-            stdin,
-            cwd,
-            line,
-            start,
-            level_threshold,
-            warnings,
-        ),
+        Stage::CreateRuntime => {
+            create_runtime(c, stdin, cwd, line, start, level_threshold, warnings)
+        }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn policy_warnings(c: &Config) -> (FailurePolicy, Vec<String>) {
+    let (policy, errors) = FailurePolicy::from_config(c);
+    let w = errors
+        .iter()
+        .map(|e| format!("{e}; using the allow lists instead"))
+        .collect();
+    (policy, w)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn create_runtime(
     c: &Config,
-    policy: &FailurePolicy,
     stdin: impl Read,
     cwd: Option<PathBuf>,
     mut line: Map<String, Value>,
@@ -266,6 +265,8 @@ fn create_runtime(
         }
     };
     line.insert("error".into(), json!(error));
+    let (policy, policy_warnings) = policy_warnings(c);
+    warnings.extend(policy_warnings);
     let d = policy.decide(&annotations);
     if d.fail {
         let who = if identity.container_id.is_empty() {

@@ -185,8 +185,16 @@ impl Common {
         {
             check.extend(["--config-file".into(), "/dev/null/none".into()]);
         }
-        config::parse(&check)
+        let parsed = config::parse(&check)
             .map_err(|e| Error::Install(format!("invalid --hook-arg: {}", e.to_string().trim())))?;
+        // The hook compiles its failure rule only when a container fails: catch a bad
+        // CEL expression or regex now rather than on the day the agent is down.
+        if let Some(e) = crate::policy::FailurePolicy::from_config(&parsed.config)
+            .1
+            .first()
+        {
+            return Err(Error::Install(format!("invalid --hook-arg: {e}")));
+        }
         Ok(argv)
     }
 }

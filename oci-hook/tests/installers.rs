@@ -195,6 +195,12 @@ fn bad_hook_args_fail_the_install() {
     args.extend(e.common());
     args.push("--hook-arg=--no-such-flag".into());
     assert!(install::install(&target(&strs(&args))).is_err());
+    args.pop();
+    args.push("--hook-arg=--fail-cel-expr=annotations[[".into());
+    let err = install::install(&target(&strs(&args)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("CEL"), "{err}");
     assert!(!e.root.join("hooks.d/rthooks.json").exists());
 }
 
