@@ -44,7 +44,7 @@ const IMAGE_ANNOTATION: &str = "io.kubernetes.cri.image-name";
 pub struct HookSpec {
     /// Absolute path of the hook binary.
     pub path: String,
-    /// argv, including argv[0].
+    /// argv, including `argv[0]`.
     pub args: Vec<String>,
     /// Environment (`KEY=value`).
     pub env: Vec<String>,
