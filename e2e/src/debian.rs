@@ -166,7 +166,7 @@ impl Apt {
             SUITES.iter().all(|s| {
                 names
                     .iter()
-                    .any(|n| n.contains(&format!("_{s}_")) && n.ends_with("_Packages"))
+                    .any(|n| n.contains(&format!("_{s}_")) && n.contains("_Packages"))
             })
         })
     }
