@@ -9,12 +9,17 @@ agent_starts() {
     local run=/tmp/agent sock
     mkdir -p "$run/policies" "$run/state"
     sock=unix://$run/agent.sock
+    # Its log is the scenario's log (results share).
     "$agent" --grpc-address "$sock" --bpf-pin-dir /sys/fs/bpf/rthooks-e2e --policy-dir "$run/policies" \
-        --state-dir "$run/state" >"$run/agent.log" 2>&1 &
+        --state-dir "$run/state" 2>&1 &
     local pid=$!
     if ! wait_for 60 "$ctl" --address "$sock" status; then
-        kill "$pid" 2>/dev/null
-        fail "the agent did not answer within 60 s" "$(tail -n 5 "$run/agent.log" | tr '\n' ' ')"
+        if kill -0 "$pid" 2>/dev/null; then
+            kill "$pid"
+            fail "the agent did not answer within 60 s"
+        fi
+        wait "$pid"
+        fail "the agent exited with status $? before answering"
     fi
     local status m why
     status=$("$ctl" --address "$sock" status -o json)

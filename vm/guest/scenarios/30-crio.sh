@@ -3,7 +3,7 @@
 # and is never reported as passing.
 crio_available() {
     [ -n "${RTHOOKS_CRIO_DIR:-}" ] ||
-        skip "CRI-O is not obtainable here: give its binaries with cargo xtask e2e --crio-dir PATH (crio, pinns, conmon)"
+        skip "CRI-O not obtainable here (no --crio-dir with crio, pinns, conmon)"
     local b
     for b in crio pinns conmon; do
         [ -x "$RTHOOKS_CRIO_DIR/$b" ] || fail "$b is missing in --crio-dir $RTHOOKS_CRIO_DIR"
