@@ -671,6 +671,17 @@ impl Tx {
     /// Writes `path` (atomically) unless it already has these bytes and mode, recording
     /// its original first.
     fn write(&mut self, path: &Path, bytes: &[u8], mode: u32, shared: bool) -> Result<()> {
+        // A symlinked config (config management often does this) stays a symlink: the
+        // file it points to is what changes and what uninstall restores.
+        let resolved;
+        let path = match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                resolved = std::fs::canonicalize(path)
+                    .map_err(|e| Error::io("resolving a symlink", path, e))?;
+                resolved.as_path()
+            }
+            _ => path,
+        };
         let current = std::fs::read(path).ok();
         let unchanged = current.as_deref() == Some(bytes) && file_mode(path) == Some(mode);
         if !self.manifest.entries.iter().any(|e| e.path == path) {
@@ -831,6 +842,11 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        // Keep the owner of the file being replaced (or restored).
+        if let Ok(md) = std::fs::metadata(path) {
+            use std::os::unix::fs::MetadataExt;
+            std::os::unix::fs::fchown(&f, Some(md.uid()), Some(md.gid()))?;
+        }
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();

@@ -505,3 +505,34 @@ fn shared_binary_outlives_the_first_uninstall() {
     install::uninstall(&hd).unwrap();
     assert!(!bin.exists());
 }
+
+#[test]
+fn symlinked_config_stays_a_symlink() {
+    let e = Env::new();
+    let real = e.root.join("real.toml");
+    let link = e.root.join("config.toml");
+    let original = std::fs::read(fixture("containerd-1.7-default.toml")).unwrap();
+    std::fs::write(&real, &original).unwrap();
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let state = e.p("state");
+    let t = target(&[
+        "containerd-nri",
+        "--containerd-config",
+        link.to_str().unwrap(),
+        "--state-dir",
+        &state,
+    ]);
+    install::install(&t).unwrap();
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_ne!(std::fs::read(&real).unwrap(), original);
+    install::install(&t).unwrap();
+    install::uninstall(&t).unwrap();
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read(&real).unwrap(), original);
+}
