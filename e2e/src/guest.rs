@@ -39,6 +39,7 @@ pub const SCENARIOS: &[&str] = &[
     "nri_non_matching",
     "nri_removal",
     "nri_sync_not_covered",
+    "nri_runtime_restart",
 ];
 
 /// A scenario's verdict.
@@ -274,12 +275,40 @@ async fn sync_not_covered(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
     Ok("started while the plugin was down: listed as not covered (nri-sync)".into())
 }
 
+async fn runtime_restart(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
+    let before = stack.registrations();
+    let t = Instant::now();
+    stack.containerd.restart().await?;
+    *cri = stack.containerd.cri().await?;
+    if !wait_until(secs(30), || stack.registrations() > before).await {
+        bail!("the plugin did not register again after containerd restarted");
+    }
+    let rereg = t.elapsed();
+    let pod = cri
+        .run_pod(&PodSpec::new("after", "prod").label("app", "after"))
+        .await?;
+    let id = cri.create_container(&pod, &sleeper("after")).await?;
+    cri.start_container(&id).await?;
+    let seen = wait_until(secs(10), || stack.container(&id).is_some()).await;
+    let entry = stack.container(&id);
+    cri.remove_pod(&pod).await?;
+    match entry {
+        Some(c) if seen && c["covered"] == true && c["pod_labels"]["app"] == "after" => {
+            Ok(format!(
+                "re-registered {rereg:?} after the restart began; the next container is covered"
+            ))
+        }
+        other => bail!("container after the restart not covered: {other:?}"),
+    }
+}
+
 fn step<'a>(name: &str, stack: &'a mut Stack, cri: &'a mut Cri) -> Step<'a> {
     match name {
         "nri_identity" => Box::pin(identity(stack, cri)),
         "nri_first_instruction" => Box::pin(first_instruction(stack, cri)),
         "nri_non_matching" => Box::pin(non_matching(stack, cri)),
         "nri_removal" => Box::pin(removal(stack, cri)),
+        "nri_runtime_restart" => Box::pin(runtime_restart(stack, cri)),
         _ => Box::pin(sync_not_covered(stack, cri)),
     }
 }

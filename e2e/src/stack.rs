@@ -220,17 +220,24 @@ impl Stack {
                 .arg(&self.address),
             d.join("nri-hook.log"),
         )?;
-        let registered = |p: &Proc| {
-            p.log_text()
-                .lines()
-                .any(|l| l.contains("registered") && l.contains("runtime="))
-        };
         self.plugin = Some(proc);
-        let p = self.plugin.as_ref().unwrap();
-        if !wait_until(Duration::from_secs(30), || registered(p)).await {
-            bail!("the NRI plugin did not register:\n{}", p.log_text());
+        if !wait_until(Duration::from_secs(30), || self.registrations() >= 1).await {
+            bail!(
+                "the NRI plugin did not register:\n{}",
+                self.plugin.as_ref().unwrap().log_text()
+            );
         }
         Ok(())
+    }
+
+    /// How often the running plugin has registered with containerd (once per connection).
+    pub fn registrations(&self) -> usize {
+        self.plugin.as_ref().map_or(0, |p| {
+            p.log_text()
+                .lines()
+                .filter(|l| l.contains("registered") && l.contains("runtime="))
+                .count()
+        })
     }
 
     /// Stops the NRI plugin.
