@@ -33,7 +33,7 @@ pub struct Select {
     /// to any --kernel; alone, instead of the default kernel.
     #[arg(long, value_name = "PATH")]
     pub kernel_dir: Vec<PathBuf>,
-    /// Extra kernel command line for the --kernel-dir kernels.
+    /// Extra kernel command line for every kernel booted (after kernels.toml's).
     #[arg(long, value_name = "ARGS", default_value = "")]
     pub append: String,
 }
@@ -91,13 +91,7 @@ pub fn vm(select: &Select) -> Result<()> {
     let config = config()?;
     let kernels = select.kernels(&config)?;
     let mut stats = FetchStats::default();
-    let prepared = prepare(
-        &config,
-        &kernels,
-        &select.kernel_dir,
-        &select.append,
-        &mut stats,
-    )?;
+    let prepared = prepare(&config, &kernels, &select.kernel_dir, &mut stats)?;
     for p in &prepared {
         let append = if p.kernel.append.is_empty() {
             String::new()
@@ -127,7 +121,6 @@ pub fn prepare(
     config: &Config,
     kernels: &[Kernel],
     kernel_dirs: &[PathBuf],
-    append: &str,
     stats: &mut FetchStats,
 ) -> Result<Vec<Prepared>> {
     let _lock = fetch::CacheLock::acquire()?;
@@ -214,7 +207,8 @@ pub fn prepare(
                 name: format!("built-{}", tree.release),
                 suite: dir.display().to_string(),
                 packages: Vec::new(),
-                append: append.to_string(),
+                // --append is added to every kernel at boot.
+                append: String::new(),
                 default: false,
             },
             tree,
@@ -256,13 +250,7 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
         }
     }
     let mut stats = FetchStats::default();
-    let prepared = prepare(
-        &config,
-        &kernels,
-        &args.select.kernel_dir,
-        &args.select.append,
-        &mut stats,
-    )?;
+    let prepared = prepare(&config, &kernels, &args.select.kernel_dir, &mut stats)?;
     prefetch_e2e_crate(&bin_dir(args));
     let qemu_bin = PathBuf::from(
         std::env::var("RTHOOKS_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
@@ -324,9 +312,11 @@ fn run_kernel(
     std::fs::write(results.join("job"), job_script(name, args))?;
     let mut append =
         "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off rdinit=/init".to_string();
-    if !p.kernel.append.is_empty() {
-        append.push(' ');
-        append.push_str(&p.kernel.append);
+    for extra in [&p.kernel.append, &args.select.append] {
+        if !extra.is_empty() {
+            append.push(' ');
+            append.push_str(extra);
+        }
     }
     let boot = qemu::Boot {
         qemu: qemu_bin.to_path_buf(),
