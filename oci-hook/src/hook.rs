@@ -220,11 +220,14 @@ fn create_runtime(
         }
     };
 
-    let error = match input_error {
-        Some(e) => e,
-        None => {
-            let bundle = bundle.as_ref().expect("checked above");
-            let cg = cg.expect("checked above");
+    let ready = match (&bundle, cg) {
+        (Ok(b), Some(cg)) => Some((b, cg)),
+        _ => None,
+    };
+    let error = match (input_error, ready) {
+        (Some(e), _) => e,
+        (None, None) => "no bundle or cgroup path".to_owned(),
+        (None, Some((bundle, cg))) => {
             if c.disable_grpc {
                 return finish(
                     c,

@@ -444,10 +444,10 @@ fn install_base_spec(a: &BaseSpecArgs) -> Result<Vec<String>> {
             .map_err(|e| Error::io("reading the configured base_runtime_spec", p, e))?,
         None => default_spec(a)?,
     };
-    if start_from.as_deref().is_some_and(|p| p != a.base_spec) {
+    if let Some(p) = start_from.as_deref().filter(|p| *p != a.base_spec) {
         tx.note(format!(
             "starting from the configured base spec {}",
-            start_from.as_ref().unwrap().display()
+            p.display()
         ));
     }
     let mut spec: Json = serde_json::from_slice(&spec_bytes)
