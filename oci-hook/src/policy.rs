@@ -10,7 +10,6 @@ use regex::Regex;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::identity;
 
 /// What the failure rule decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,7 +131,16 @@ impl FailurePolicy {
                 namespaces,
                 regexes,
             } => {
-                let Some(ns) = identity::namespace(annotations, &self.namespace_keys) else {
+                // Every namespace key present must be allowed, not just the first: a
+                // runtime that passes pod annotations through could otherwise let a pod
+                // claim `kube-system` under the key we happen to read first.
+                let present: Vec<(&String, &str)> = self
+                    .namespace_keys
+                    .iter()
+                    .filter_map(|k| annotations.get(k).map(|v| (k, v.as_str())))
+                    .filter(|(_, v)| !v.is_empty())
+                    .collect();
+                if present.is_empty() {
                     return Decision {
                         fail: true,
                         reason: format!(
@@ -140,22 +148,27 @@ impl FailurePolicy {
                             self.namespace_keys.join(", ")
                         ),
                     };
-                };
-                if namespaces.iter().any(|n| n == ns) {
-                    return Decision {
-                        fail: false,
-                        reason: format!("namespace {ns:?} is in the allow list"),
-                    };
                 }
-                if let Some(re) = regexes.iter().find(|re| re.is_match(ns)) {
-                    return Decision {
-                        fail: false,
-                        reason: format!("namespace {ns:?} matches allow regex {:?}", re.as_str()),
-                    };
+                let mut why = Vec::new();
+                for (key, ns) in present {
+                    if namespaces.iter().any(|n| n == ns) {
+                        why.push(format!("namespace {ns:?} is in the allow list"));
+                    } else if let Some(re) = regexes.iter().find(|re| re.is_match(ns)) {
+                        why.push(format!(
+                            "namespace {ns:?} matches allow regex {:?}",
+                            re.as_str()
+                        ));
+                    } else {
+                        return Decision {
+                            fail: true,
+                            reason: format!("namespace {ns:?} ({key}) is not in the allow list"),
+                        };
+                    }
                 }
+                why.dedup();
                 Decision {
-                    fail: true,
-                    reason: format!("namespace {ns:?} is not in the allow list"),
+                    fail: false,
+                    reason: why.join("; "),
                 }
             }
             Rule::Cel(p) => self.decide_cel(p, annotations),
@@ -254,6 +267,15 @@ mod tests {
         assert!(decide(&f, &[(CRI_NS, "team-web2")]).fail);
         // Regexes match substrings unless anchored (RE2 `matches`, as Tetragon).
         assert!(!decide(&f, &[(CRI_NS, "my-sandbox-1")]).fail);
+    }
+
+    #[test]
+    fn every_present_namespace_key_must_allow() {
+        let both = |a: &str, b: &str| decide(&[], &[(CRIO_NS, a), (CRI_NS, b)]);
+        assert!(both("kube-system", "default").fail);
+        assert!(both("default", "kube-system").fail);
+        assert!(!both("kube-system", "kube-system").fail);
+        assert!(!both("kube-system", "rthooks").fail);
     }
 
     #[test]
