@@ -88,8 +88,11 @@ impl Identity {
             .map(str::to_owned)
             .or_else(|| cgroup_path.and_then(cgroup::pod_uid_from_path))
             .unwrap_or_default();
-        let pod_namespace = namespace(a, namespace_keys)
-            .or_else(|| first(a, &[containerd::SANDBOX_NAMESPACE, crio::POD_NAMESPACE]))
+        // The runtime's own keys first: containerd writes `io.kubernetes.cri.*` itself
+        // after any pod annotations it passes through, so a pod cannot forge them; the
+        // configured keys serve runtimes that use other ones.
+        let pod_namespace = first(a, &[containerd::SANDBOX_NAMESPACE, crio::POD_NAMESPACE])
+            .or_else(|| namespace(a, namespace_keys))
             .unwrap_or_default()
             .to_owned();
         let (pod_labels, labels_error) = match a.get(POD_LABELS_ANNOTATION) {
@@ -195,8 +198,20 @@ mod tests {
             (POD_LABELS_ANNOTATION, "[1,2]"),
         ]);
         let id = Identity::from_annotations(&a, None, None, &["custom/ns".into()]);
-        assert_eq!(id.pod_namespace, "mine");
+        assert_eq!(id.pod_namespace, "other", "the runtime's own key wins");
         assert!(id.pod_labels.is_none());
         assert!(id.labels_error.is_some());
+        let a = ann(&[("custom/ns", "mine")]);
+        let id = Identity::from_annotations(&a, None, None, &["custom/ns".into()]);
+        assert_eq!(id.pod_namespace, "mine");
+        // containerd with pod annotations passed through: its own key wins.
+        let a = ann(&[
+            (crio::POD_NAMESPACE, "kube-system"),
+            (containerd::SANDBOX_NAMESPACE, "shop"),
+        ]);
+        assert_eq!(
+            Identity::from_annotations(&a, None, None, &keys()).pod_namespace,
+            "shop"
+        );
     }
 }
