@@ -28,7 +28,9 @@ use crate::config::{self, BINARY_NAME};
 use crate::error::{Error, Result};
 
 pub const DEFAULT_INSTALL_DIR: &str = "/opt/rthooks";
-pub const DEFAULT_HOOKS_DIR: &str = "/etc/containers/oci/hooks.d";
+/// The hooks.d default of containers/common: CRI-O reads only it unless configured, podman
+/// reads it and `/etc/containers/oci/hooks.d`.
+pub const DEFAULT_HOOKS_DIR: &str = "/usr/share/containers/oci/hooks.d";
 pub const DEFAULT_HOOKS_FILE: &str = "rthooks.json";
 pub const DEFAULT_CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
 pub const DEFAULT_BASE_SPEC: &str = "/etc/containerd/rthooks-base-spec.json";
@@ -96,7 +98,7 @@ pub struct Common {
 pub struct HooksDArgs {
     #[command(flatten)]
     pub common: Common,
-    /// The hooks.d directory (CRI-O: /usr/share/containers/oci/hooks.d is read too).
+    /// The hooks.d directory.
     #[arg(long, default_value = DEFAULT_HOOKS_DIR)]
     pub hooks_dir: PathBuf,
     /// File name in the hooks directory.
