@@ -192,11 +192,14 @@ pub fn apply_file(config: &mut Config, m: &ArgMatches, bytes: &[u8]) -> Result<V
         return Err(Error::Config("not a JSON object".into()));
     };
     let mut warnings = Vec::new();
+    // Building clap's command is not free: once, not per key.
+    let ids: Vec<String> = HookArgs::command()
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .collect();
     for (key, val) in &obj {
         let id = key.replace('-', "_");
-        let known = HookArgs::command()
-            .get_arguments()
-            .any(|a| a.get_id() == id.as_str());
+        let known = ids.contains(&id);
         if !known || matches!(id.as_str(), "stage" | "config_file" | "just_print_config") {
             warnings.push(format!("unknown key {key:?}"));
             continue;
