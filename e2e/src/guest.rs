@@ -356,13 +356,18 @@ pub async fn run(results: &Path, bin_dir: &Path, filter: &str, timeout: Duration
                 }
             }
         };
-        let (mut stack, mode) = match setup {
+        let (mut stack, mode, why) = match setup {
             Ok(s) => {
-                let mode = s
-                    .status()
-                    .and_then(|v| v["enforcement_mode"].as_str().map(str::to_string))
-                    .unwrap_or_default();
-                (Some(s), mode)
+                let status = s.status().unwrap_or_default();
+                let mode = status["enforcement_mode"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                let why = status["enforcement_reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                (Some(s), mode, why)
             }
             Err(v) => {
                 for s in &chosen {
@@ -377,6 +382,10 @@ pub async fn run(results: &Path, bin_dir: &Path, filter: &str, timeout: Duration
         for s in &chosen {
             let t = Instant::now();
             let v = match tokio::time::timeout(timeout, step(s, stack_ref, &mut cri)).await {
+                // The agent's reason for its mode, once per release, for the matrix.
+                Ok(Ok(detail)) if *s == chosen[0] && !why.is_empty() => {
+                    Verdict::pass(format!("{detail} (agent: {mode}, {why})"))
+                }
                 Ok(Ok(detail)) => Verdict::pass(detail),
                 Ok(Err(e)) => Verdict::fail(format!("{e:#}")),
                 Err(_) => Verdict::fail(format!("timed out after {timeout:?}")),
