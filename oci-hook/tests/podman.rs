@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use common::*;
 
 fn podman(tmp: &Path, hooks_dir: &Path) -> Command {
-    let mut c = Command::new("podman");
+    let mut c = Command::new(which("podman").expect("podman"));
     c.arg("--root")
         .arg(tmp.join("root"))
         .arg("--runroot")

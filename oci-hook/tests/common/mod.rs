@@ -233,7 +233,7 @@ impl RuncContainer {
         let id = unique("rthooks-hook");
         let bundle = dir.join(&id);
         make_rootfs(&bundle.join("rootfs"));
-        let out = Command::new("runc")
+        let out = Command::new(which("runc").expect("runc"))
             .args(["spec"])
             .current_dir(&bundle)
             .output()
@@ -289,7 +289,7 @@ impl RuncContainer {
     }
 
     fn runc(&self) -> Command {
-        let mut c = Command::new("runc");
+        let mut c = Command::new(which("runc").expect("runc"));
         c.arg("--root").arg(&self.runc_root);
         c
     }
