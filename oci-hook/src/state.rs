@@ -197,7 +197,16 @@ pub fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>> {
         path: path.to_owned(),
         source,
     })?;
-    let mut buf = Vec::new();
+    // A regular file's size is known: refuse a huge one without reading it, and read a
+    // normal one in one go rather than in doubling chunks.
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if size > limit {
+        return Err(Error::TooLarge {
+            path: path.to_owned(),
+            limit,
+        });
+    }
+    let mut buf = Vec::with_capacity(size as usize + 1);
     f.take(limit + 1)
         .read_to_end(&mut buf)
         .map_err(|source| Error::Read {
