@@ -218,6 +218,17 @@ mod tests {
     }
 
     #[test]
+    fn zero_backups_truncates_by_removal() {
+        let d = tempfile::tempdir().unwrap();
+        let log = LogFile::new(d.path().join("hook.log"), 4096, 0);
+        for _ in 0..20 {
+            log.append(&"y".repeat(1000)).unwrap();
+        }
+        assert!(std::fs::metadata(&log.path).unwrap().len() <= 4096);
+        assert!(!log.backup(1).exists());
+    }
+
+    #[test]
     fn concurrent_writers_do_not_lose_or_interleave_lines() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("hook.log");
