@@ -39,22 +39,23 @@ pub struct CacheLock {
 
 impl CacheLock {
     pub fn acquire() -> Result<Self> {
-        use std::os::fd::AsRawFd;
-        let path = cache_dir().join("apt.lock");
         std::fs::create_dir_all(cache_dir())?;
+        Self::at(&cache_dir().join("apt.lock"), "another fetch is running")
+    }
+
+    /// Blocks until `path` is locked, saying why when it has to wait.
+    pub fn at(path: &Path, holder: &str) -> Result<Self> {
+        use std::os::fd::AsRawFd;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&path)
+            .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: flock on a descriptor this function owns; it is released when the file
         // is closed.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            eprintln!(
-                "vm: waiting for {} (another fetch is running)",
-                path.display()
-            );
+            eprintln!("vm: waiting for {} ({holder})", path.display());
             // SAFETY: as above.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
                 bail!(

@@ -122,6 +122,14 @@ pub fn parse_results(kernel: &str, text: &str, guest_problem: Option<&str>) -> V
             ));
         }
     }
+    if rows.is_empty() && guest_problem.is_none() {
+        rows.push(row(
+            "results",
+            "",
+            Verdict::Fail,
+            "the guest finished but wrote no results".into(),
+        ));
+    }
     if let Some(problem) = guest_problem {
         let scenario = if plan.is_empty() && rows.is_empty() {
             "boot"
@@ -298,6 +306,11 @@ mod tests {
         assert_eq!(
             (rows[0].scenario.as_str(), rows[0].result),
             ("boot", Verdict::Fail)
+        );
+        let rows = parse_results("5.10", "", None);
+        assert_eq!(
+            (rows[0].scenario.as_str(), rows[0].result),
+            ("results", Verdict::Fail)
         );
         let rows = parse_results("5.10", "not json\n", None);
         assert_eq!(rows[0].scenario, "results");

@@ -256,8 +256,15 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
         std::env::var("RTHOOKS_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
     );
     let accel = qemu::choose_accel(&qemu_bin, &prepared[0].tree.vmlinuz, &prepared[0].initramfs);
-    let out_dir = workspace_root().join("target/e2e");
+    // Under the cargo target directory, so engineers sharing a workspace with their own
+    // CARGO_TARGET_DIR do not boot guests into each other's result directories; the
+    // lock serialises runs that do share one.
+    let out_dir = target_dir().join("e2e");
     std::fs::create_dir_all(&out_dir)?;
+    let _lock = fetch::CacheLock::at(
+        &out_dir.join(".lock"),
+        "another cargo xtask e2e uses this directory",
+    )?;
     let mut rows = Vec::new();
     let mut summary = Vec::new();
     for p in &prepared {
