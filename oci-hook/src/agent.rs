@@ -98,6 +98,28 @@ async fn with_deadline<T>(
     }
 }
 
+/// A channel to the agent: a UNIX socket (`unix:///path`, `/path`), or, as Tetragon's hook
+/// also accepts, TCP (`host:port`, `http://host:port`, `tcp://host:port`, `dns:///host:port`).
+pub async fn channel(address: &str, timeout: Duration) -> Result<tonic::transport::Channel> {
+    if rthooks_api::client::socket_path(address).is_some() {
+        return rthooks_api::client::connect_unix(address, timeout)
+            .await
+            .map_err(|e| agent_err(address, "cannot connect", e));
+    }
+    let hostport = address
+        .strip_prefix("tcp://")
+        .or_else(|| address.strip_prefix("dns:///"))
+        .or_else(|| address.strip_prefix("http://"))
+        .unwrap_or(address);
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{hostport}"))
+        .map_err(|e| agent_err(address, "invalid address", e))?
+        .connect_timeout(timeout);
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| agent_err(address, "cannot connect", e))
+}
+
 /// `tetragon.FineGuidanceSensors/RuntimeHook`.
 pub async fn runtime_hook(
     address: &str,
@@ -105,9 +127,7 @@ pub async fn runtime_hook(
     req: tetragon::RuntimeHookRequest,
 ) -> Result<()> {
     with_deadline(address, timeout, async {
-        let ch = rthooks_api::client::connect_unix(address, timeout)
-            .await
-            .map_err(|e| agent_err(address, "cannot connect", e))?;
+        let ch = channel(address, timeout).await?;
         FineGuidanceSensorsClient::new(ch)
             .runtime_hook(req)
             .await
@@ -124,9 +144,7 @@ pub async fn remove_container(
     container_id: &str,
 ) -> Result<bool> {
     with_deadline(address, timeout, async {
-        let ch = rthooks_api::client::connect_unix(address, timeout)
-            .await
-            .map_err(|e| agent_err(address, "cannot connect", e))?;
+        let ch = channel(address, timeout).await?;
         let r = AgentClient::new(ch)
             .remove_container(rthooks_api::v1::RemoveContainerRequest {
                 container_id: container_id.to_owned(),

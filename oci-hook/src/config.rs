@@ -30,7 +30,7 @@ pub const BINARY_NAME: &str = "rthooks-oci-hook";
 pub struct HookArgs {
     /// Hook stage: createRuntime (registers the container), createContainer, poststop.
     pub stage: Option<String>,
-    /// Agent gRPC address (unix:///path).
+    /// Agent gRPC address: unix:///path, or host:port for TCP.
     #[arg(long, env = "RTHOOKS_OCI_HOOK_GRPC_ADDRESS", default_value = DEFAULT_GRPC_ADDRESS)]
     pub grpc_address: String,
     /// Deadline for the whole agent call (Go duration: 2s, 500ms, 1m).

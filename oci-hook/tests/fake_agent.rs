@@ -424,3 +424,54 @@ fn concurrent_hook_processes_share_the_log() {
     assert!(files > 1, "the log rotated");
     assert_eq!(total, procs * each, "no line lost across {files} files");
 }
+
+/// Tetragon's hook also dials TCP addresses; so does ours.
+#[test]
+fn tcp_address() {
+    let d = tempfile::tempdir().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let svc = FineGuidanceSensorsServer::new(Fake {
+        mode: Mode::Ok,
+        seen: seen.clone(),
+    });
+    rt.spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    let state = bundle(d.path(), "shop");
+    for addr in [
+        format!("127.0.0.1:{port}"),
+        format!("tcp://127.0.0.1:{port}"),
+        format!("http://localhost:{port}"),
+    ] {
+        let out = hook::run(
+            config::parse([
+                "rthooks-oci-hook",
+                "createRuntime",
+                "--grpc-address",
+                &addr,
+                "--log-fname",
+                d.path().join("hook.log").to_str().unwrap(),
+                "--config-file",
+                "/nonexistent/c.json",
+            ])
+            .unwrap(),
+            state.as_bytes(),
+            None,
+        );
+        assert_eq!(out.exit_code, 0, "{addr}: {out:?}");
+    }
+    assert_eq!(seen.lock().unwrap().len(), 3);
+}
