@@ -46,7 +46,7 @@ impl std::fmt::Debug for FailurePolicy {
     }
 }
 
-/// Compiles a CEL expression, turning the parser's panics (it has had some on odd input)
+/// Compiles a CEL expression, turning a parser panic on odd input (a third-party parser)
 /// into errors: a bad expression must never crash the hook.
 pub fn compile_cel(expr: &str) -> Result<cel::Program> {
     let res = std::panic::catch_unwind(|| cel::Program::compile(expr));
