@@ -129,6 +129,9 @@ pub struct BaseSpecArgs {
     /// CRI runtime names to point at the base spec.
     #[arg(long = "runtime", default_value = "runc")]
     pub runtimes: Vec<String>,
+    /// Also add a poststop hook (RemoveContainer when a container is gone).
+    #[arg(long)]
+    pub poststop: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -352,6 +355,7 @@ fn set_value(t: &mut dyn toml_edit::TableLike, key: &str, v: impl Into<toml_edit
 /// else, including other hooks.
 pub fn add_hook_to_spec(
     spec: &mut Json,
+    stage: &str,
     binary: &Path,
     argv: &[String],
     timeout: u32,
@@ -363,10 +367,10 @@ pub fn add_hook_to_spec(
     let hooks = hooks
         .as_object_mut()
         .ok_or_else(|| Error::Install("`hooks` in the base spec is not an object".into()))?;
-    let list = hooks.entry("createRuntime").or_insert_with(|| json!([]));
-    let list = list.as_array_mut().ok_or_else(|| {
-        Error::Install("`hooks.createRuntime` in the base spec is not a list".into())
-    })?;
+    let list = hooks.entry(stage).or_insert_with(|| json!([]));
+    let list = list
+        .as_array_mut()
+        .ok_or_else(|| Error::Install(format!("`hooks.{stage}` in the base spec is not a list")))?;
     let ours = json!({ "path": binary, "args": argv, "timeout": timeout });
     let bin = binary.to_string_lossy();
     match list
@@ -455,12 +459,19 @@ fn install_base_spec(a: &BaseSpecArgs) -> Result<Vec<String>> {
     let mut spec: Json = serde_json::from_slice(&spec_bytes)
         .map_err(|e| Error::Install(format!("the default spec is not valid JSON: {e}")))?;
     install_binary(&mut tx, c)?;
-    add_hook_to_spec(
-        &mut spec,
-        &c.installed_binary(),
-        &c.hook_argv("createRuntime")?,
-        c.hook_timeout,
-    )?;
+    let mut stages = vec!["createRuntime"];
+    if a.poststop {
+        stages.push("poststop");
+    }
+    for stage in stages {
+        add_hook_to_spec(
+            &mut spec,
+            stage,
+            &c.installed_binary(),
+            &c.hook_argv(stage)?,
+            c.hook_timeout,
+        )?;
+    }
     let mut text = serde_json::to_string_pretty(&spec).expect("serialisable");
     text.push('\n');
     // containerd reads it as root; 0644 matches its own files.

@@ -260,6 +260,7 @@ fn base_spec_roundtrip(fixture_name: &str, version: i64) {
     ];
     args.extend(e.common());
     args.extend(default_spec_args());
+    args.push("--poststop".into());
     let t = target(&strs(&args));
     install::install(&t).unwrap();
 
@@ -294,6 +295,8 @@ fn base_spec_roundtrip(fixture_name: &str, version: i64) {
     assert_eq!(hooks[0].path(), &e.root.join("opt/rthooks-oci-hook"));
     assert_eq!(hooks[0].args().as_ref().unwrap()[1], "createRuntime");
     assert_eq!(hooks[0].timeout(), Some(5));
+    let post = spec.hooks().as_ref().unwrap().poststop().as_ref().unwrap();
+    assert_eq!(post[0].args().as_ref().unwrap()[1], "poststop");
     let mut got: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&spec_path).unwrap()).unwrap();
     got.as_object_mut().unwrap().remove("hooks");
