@@ -66,6 +66,14 @@ fn runc_container_is_registered_with_its_cgroup_id() {
         c.id, lines[0]["total_ms"]
     );
 
+    if let Some(list) = agent.rthooksctl_containers() {
+        let c = list
+            .iter()
+            .find(|x| x["container_id"] == c.id.as_str())
+            .unwrap_or_else(|| panic!("rthooksctl does not list it: {list:?}"));
+        assert_eq!(c["cgroup_id"], cg_id);
+    }
+
     // poststop tells the agent the container is gone.
     let out = c.delete();
     assert!(out.status.success(), "runc delete: {out:?}");

@@ -183,6 +183,22 @@ impl Agent {
         self.try_list().expect("ListContainers")
     }
 
+    /// `rthooksctl --address … containers -o json`, when `rthooksctl` was built beside
+    /// the agent.
+    pub fn rthooksctl_containers(&self) -> Option<Vec<serde_json::Value>> {
+        let ctl = agent_exe().with_file_name("rthooksctl");
+        if !ctl.is_file() {
+            eprintln!("note: no rthooksctl beside the agent; checked through the API only");
+            return None;
+        }
+        let out = Command::new(ctl)
+            .args(["--address", &self.address(), "containers", "-o", "json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "rthooksctl: {out:?}");
+        Some(serde_json::from_slice(&out.stdout).unwrap())
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
