@@ -217,6 +217,11 @@ impl Btf {
             cgroup_root: self.offset("cgroup", "root")?,
             kernfs_node_id: self.offset("kernfs_node", "id")?,
             cgroup_root_hierarchy_id: self.offset("cgroup_root", "hierarchy_id")?,
+            task_cgroups: self.offset("task_struct", "cgroups")?,
+            css_set_dfl_cgrp: self.offset("css_set", "dfl_cgrp")?,
+            cgroup_level: self.offset("cgroup", "level")?,
+            cgroup_self: self.offset("cgroup", "self")?,
+            css_parent: self.offset("cgroup_subsys_state", "parent")?,
         })
     }
 }

@@ -22,13 +22,13 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_task,
-            bpf_probe_read_kernel, bpf_send_signal,
+            bpf_get_current_cgroup_id, bpf_get_current_task, bpf_probe_read_kernel, bpf_send_signal,
         },
     },
     macros::{lsm, map, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{LsmContext, RawTracePointContext},
+    EbpfContext,
 };
 use rthooks_common::{
     path_hash_word, Action, BinaryRules, ContainerPolicies, Event, KernelOffsets, PolicySet,
@@ -93,30 +93,51 @@ unsafe fn read_u32(base: u64, offset: u64) -> u32 {
 
 /// Which policies apply to the current task, and the registered cgroup that carried them.
 ///
-/// Looks at the task's ancestor cgroup at each depth where containers are registered:
-/// one lookup per depth in use, independent of how many containers or policies exist.
+/// Walks from the task's cgroup (unified hierarchy, as `bpf_get_current_cgroup_id`) up to
+/// the root and looks up only the depths where containers are registered: one lookup per
+/// depth in use, independent of how many containers or policies exist. The walk reads
+/// `css.parent` rather than calling `bpf_get_current_ancestor_cgroup_id`, which tracing
+/// programs only gained after 5.10.
 #[inline(always)]
-fn current_policies() -> Option<(u64, PolicySet)> {
+unsafe fn current_policies(off: &KernelOffsets) -> Option<(u64, PolicySet)> {
     let settings = SETTINGS.get(0)?;
     let levels = settings.cgroup_levels;
     if levels == 0 {
         return None;
     }
+    let task = bpf_get_current_task();
+    let css_set = read_ptr(task, off.task_cgroups);
+    let mut cgrp = read_ptr(css_set, off.css_set_dfl_cgrp);
+    let mut level = read_u32(cgrp, off.cgroup_level);
     let mut found = PolicySet::EMPTY;
     let mut container = 0u64;
-    let mut level = 0u32;
-    while level < MAX_CGROUP_LEVELS {
+    let mut step = 0u32;
+    while step < MAX_CGROUP_LEVELS {
+        step += 1;
+        if cgrp == 0 || level >= MAX_CGROUP_LEVELS {
+            break;
+        }
         if levels & (1u64 << level) != 0 {
-            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
-            if id == 0 {
-                break;
-            }
-            if let Some(entry) = unsafe { CONTAINERS.get(&id) } {
+            let kn = read_ptr(cgrp, off.cgroup_kn);
+            let id = read_ptr(kn, off.kernfs_node_id);
+            if let Some(entry) = CONTAINERS.get(&id) {
                 found = found.or(&entry.policies);
-                container = id;
+                if container == 0 {
+                    container = id;
+                }
             }
         }
-        level += 1;
+        if level == 0 {
+            break;
+        }
+        // cgroup.self is the cgroup's own css; its parent css is the parent cgroup's.
+        let parent_css = read_ptr(cgrp, off.cgroup_self + off.css_parent);
+        cgrp = if parent_css == 0 {
+            0
+        } else {
+            parent_css - off.cgroup_self
+        };
+        level -= 1;
     }
     if found.is_empty() {
         None
@@ -197,7 +218,7 @@ unsafe fn decide(file: u64) -> Option<Action> {
     if off.valid == 0 {
         return None;
     }
-    let (container, policies) = current_policies()?;
+    let (container, policies) = current_policies(off)?;
     let hash = file_path_hash(off, file)?;
     let rules = BINARIES.get(&hash)?;
     let deny = rules.deny.and(&policies);
@@ -267,8 +288,10 @@ pub fn rthooks_exec_sigkill(ctx: RawTracePointContext) -> i32 {
 /// lsm/bprm_check_security(struct linux_binprm *bprm)
 #[lsm(hook = "bprm_check_security")]
 pub fn rthooks_exec_lsm(ctx: LsmContext) -> i32 {
-    let bprm: u64 = ctx.arg(0);
     unsafe {
+        // The argument is a BTF-typed pointer in LSM programs, and the verifier forbids
+        // arithmetic on it with run-time offsets: read it as a plain number instead.
+        let bprm = read_ptr(ctx.as_ptr() as u64, 0);
         let Some(off) = OFFSETS.get(0) else { return 0 };
         let file = read_ptr(bprm, off.binprm_file);
         if file == 0 {

@@ -159,6 +159,11 @@ pub struct KernelOffsets {
     pub cgroup_root: u64,
     pub kernfs_node_id: u64,
     pub cgroup_root_hierarchy_id: u64,
+    pub task_cgroups: u64,
+    pub css_set_dfl_cgrp: u64,
+    pub cgroup_level: u64,
+    pub cgroup_self: u64,
+    pub css_parent: u64,
 }
 
 /// What the kernel did about an exec.
