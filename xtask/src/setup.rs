@@ -10,6 +10,12 @@ use crate::util::{cache_dir, output, run};
 /// Debian packages the build and the tests use: runtimes for the host integration tests,
 /// QEMU and guest tooling for the VM suite.
 pub const APT_PACKAGES: &[&str] = &[
+    // k8s-cri's build script (the e2e CRI client) runs protoc.
+    "protobuf-compiler",
+    // gcc -static for the test images' pause binary; jq for the guest scenarios.
+    "libc6-dev",
+    "gcc",
+    "jq",
     "runc",
     "podman",
     "busybox-static",
@@ -45,7 +51,7 @@ fn apt_packages() -> Result<()> {
     eprintln!("setup: installing Debian packages: {}", missing.join(" "));
     run(Command::new("apt-get").arg("update").arg("-q"))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(["install", "-y", "-q"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
