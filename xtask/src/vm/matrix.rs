@@ -158,6 +158,19 @@ fn cell_text(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
 
+/// Reasons can carry whole logs; a cell shows their start (matrix.json keeps all of it).
+fn short(s: &str) -> String {
+    cut(s, 160)
+}
+
+fn cut(s: &str, max: usize) -> String {
+    let s = s.trim();
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_string(),
+    }
+}
+
 fn cell(r: &Row) -> String {
     match r.result {
         Verdict::Pass => {
@@ -168,8 +181,12 @@ fn cell(r: &Row) -> String {
             };
             format!("pass{mode} {:.1}s", r.seconds)
         }
-        Verdict::Fail => format!("**FAIL** {:.1}s: {}", r.seconds, cell_text(&r.reason)),
-        Verdict::Skip => format!("skip: {}", cell_text(&r.reason)),
+        Verdict::Fail => format!(
+            "**FAIL** {:.1}s: {}",
+            r.seconds,
+            cell_text(&short(&r.reason))
+        ),
+        Verdict::Skip => format!("skip: {}", cell_text(&short(&r.reason))),
     }
 }
 
@@ -253,7 +270,7 @@ pub fn render_md(rows: &[Row], kernels: &[String], generated: &str) -> String {
                 "- {} / {}{rt}: {}",
                 r.kernel,
                 r.scenario,
-                cell_text(&r.detail)
+                cell_text(&cut(&r.detail, 400))
             );
         }
     }
@@ -315,6 +332,21 @@ mod tests {
         let rows = parse_results("5.10", "not json\n", None);
         assert_eq!(rows[0].scenario, "results");
         assert!(rows[0].reason.contains("not json"));
+    }
+
+    #[test]
+    fn long_reasons_are_cut_in_cells() {
+        let long = "x".repeat(500);
+        assert_eq!(short(&long).chars().count(), 161);
+        assert_eq!(short(" ok "), "ok");
+        let rows = parse_results(
+            "6.1",
+            &format!(r#"{{"scenario":"s","result":"fail","reason":"{long}"}}"#),
+            None,
+        );
+        let md = render_md(&rows, &["6.1".into()], "now");
+        assert!(md.contains("xxx…"));
+        assert!(render_json(&rows).contains(&long));
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub struct E2eArgs {
     #[command(flatten)]
     pub select: Select,
     /// Seconds a guest may run before it is killed and reported.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 1200)]
     pub timeout: u64,
     /// Seconds one scenario may run inside the guest.
     #[arg(long, default_value_t = 180)]
@@ -248,6 +248,10 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
         if let Err(e) = crate::util::cargo(&["build", "--bins", "--keep-going"]) {
             eprintln!("e2e: warning: the build failed ({e:#}); scenarios needing the missing binaries will skip");
         }
+        // The agent's kernel tests run unchanged in the guests (agent_kernel_tests).
+        if let Err(e) = crate::util::cargo(&["test", "--no-run", "-p", "rthooks-agent"]) {
+            eprintln!("e2e: warning: the agent's tests do not build ({e:#}); agent_kernel_tests will skip");
+        }
     }
     let mut stats = FetchStats::default();
     let prepared = prepare(&config, &kernels, &args.select.kernel_dir, &mut stats)?;
@@ -316,7 +320,7 @@ fn run_kernel(
     let results = out_dir.join(name);
     let _ = std::fs::remove_dir_all(&results);
     std::fs::create_dir_all(&results)?;
-    std::fs::write(results.join("job"), job_script(name, args))?;
+    std::fs::write(results.join("job"), job_script(name, args, accel))?;
     let mut append =
         "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off rdinit=/init".to_string();
     for extra in [&p.kernel.append, &args.select.append] {
@@ -417,7 +421,7 @@ fn sh_quote(s: &str) -> String {
 }
 
 /// The script the guest init runs (chrooted into the host root), from the results share.
-fn job_script(kernel: &str, args: &E2eArgs) -> String {
+fn job_script(kernel: &str, args: &E2eArgs, accel: qemu::Accel) -> String {
     let ws = workspace_root();
     let vars = [
         ("RTHOOKS_KERNEL", kernel.to_string()),
@@ -444,6 +448,8 @@ fn job_script(kernel: &str, args: &E2eArgs) -> String {
             "RTHOOKS_SCENARIO_TIMEOUT",
             args.scenario_timeout.to_string(),
         ),
+        // Guest-side code scales its own waits by this: TCG is several times slower.
+        ("RTHOOKS_VM_ACCEL", accel.name().to_string()),
     ];
     let mut s = String::from("# Written by cargo xtask e2e; run by the guest init.\n");
     for (k, v) in vars {
@@ -497,11 +503,12 @@ mod tests {
             bin_dir: Some("/b".into()),
             crio_dir: None,
         };
-        let s = job_script("6.12", &args);
+        let s = job_script("6.12", &args, qemu::Accel::Tcg);
         assert!(s.contains("export RTHOOKS_KERNEL='6.12'\n"));
         assert!(s.contains("export RTHOOKS_SCENARIO_FILTER='it'\\''s'\n"));
         assert!(s.contains("export RTHOOKS_SCENARIO_TIMEOUT='7'\n"));
         assert!(s.contains("export RTHOOKS_BIN_DIR='/b'\n"));
+        assert!(s.contains("export RTHOOKS_VM_ACCEL='tcg'\n"));
         assert!(s.lines().last().unwrap().starts_with("exec /bin/bash '"));
     }
 }
