@@ -336,3 +336,71 @@ fn bad_requests_are_refused_and_change_nothing() {
     assert!(agent.add_policy("apiVersion: v1\n").is_err());
     assert!(agent.policies().is_empty());
 }
+
+/// Label bytes that are not UTF-8, sent on the wire as the Tetragon message would carry
+/// them (a peer that does not validate its strings): the agent refuses the request.
+#[test]
+fn invalid_utf8_on_the_wire_is_refused() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    // Same field numbers as tetragon.CreateContainer / RuntimeHookRequest, with bytes
+    // where the real messages have strings.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RawCreateContainer {
+        #[prost(string, tag = "1")]
+        cgroups_path: String,
+        #[prost(map = "string, bytes", tag = "3")]
+        annotations: std::collections::HashMap<String, Vec<u8>>,
+        #[prost(bytes = "vec", tag = "5")]
+        container_id: Vec<u8>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RawRequest {
+        #[prost(message, optional, tag = "1")]
+        create_container: Option<RawCreateContainer>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Empty {}
+
+    let agent = Agent::start(&["--trust-label-annotation"]);
+    let pod = Cgroup::new("rthooks-pod");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let socket = agent.socket.to_str().unwrap().to_string();
+    let cases = [
+        (b"{\"app\":\"\xff\xfe\"}".to_vec(), b"ok".to_vec()),
+        (b"{\"app\":\"web\"}".to_vec(), b"id-\xc3\x28".to_vec()),
+    ];
+    for (labels, id) in cases {
+        let req = RawRequest {
+            create_container: Some(RawCreateContainer {
+                cgroups_path: pod.relative.clone(),
+                annotations: [(rthooks_api::POD_LABELS_ANNOTATION.to_string(), labels)].into(),
+                container_id: id,
+            }),
+        };
+        let result: Result<tonic::Response<Empty>, tonic::Status> = rt.block_on(async {
+            let ch = rthooks_api::client::connect_unix(&socket, std::time::Duration::from_secs(5))
+                .await
+                .unwrap();
+            let mut grpc = tonic::client::Grpc::new(ch);
+            grpc.ready().await.unwrap();
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/tetragon.FineGuidanceSensors/RuntimeHook",
+            );
+            grpc.unary(
+                tonic::Request::new(req),
+                path,
+                tonic_prost::ProstCodec::<RawRequest, Empty>::default(),
+            )
+            .await
+        });
+        let err = result.expect_err("invalid UTF-8 accepted");
+        assert!(!err.message().is_empty());
+        assert!(agent.containers().is_empty(), "state changed");
+    }
+    assert_eq!(agent.map_entries("containers"), 0);
+}
