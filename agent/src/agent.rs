@@ -343,6 +343,7 @@ impl Agent {
             if unchanged {
                 continue;
             }
+            let old_keys = self.file_keys(&path);
             let parsed = std::fs::read_to_string(&path)
                 .map_err(|e| Error::io(&path, e))
                 .and_then(|t| parse_policies(&t));
@@ -350,31 +351,15 @@ impl Agent {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(file = %path.display(), error = %e, "policy file rejected; previous version stays in force");
-                    // Remember the version so the same error is not logged every poll.
-                    let keys = self
-                        .inner
-                        .lock()
-                        .unwrap()
-                        .files
-                        .get(&path)
-                        .map(|f| f.2.clone())
-                        .unwrap_or_default();
+                    // Remember this version so the same error is not logged every poll.
                     self.inner
                         .lock()
                         .unwrap()
                         .files
-                        .insert(path.clone(), (mtime, len, keys));
+                        .insert(path.clone(), (mtime, len, old_keys));
                     continue;
                 }
             };
-            let old_keys = self
-                .inner
-                .lock()
-                .unwrap()
-                .files
-                .get(&path)
-                .map(|f| f.2.clone())
-                .unwrap_or_default();
             let mut keys = Vec::new();
             for p in policies {
                 let key = p.key();
@@ -399,6 +384,16 @@ impl Agent {
                 .files
                 .insert(path, (mtime, len, keys));
         }
+    }
+
+    /// Policies last loaded from `path`.
+    fn file_keys(&self, path: &Path) -> Vec<PolicyKey> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .files
+            .get(path)
+            .map(|f| f.2.clone())
+            .unwrap_or_default()
     }
 
     /// File policies restored from the state directory are adopted by the first directory

@@ -170,15 +170,17 @@ impl Agent {
             .map(|r| r.into_inner())
     }
 
-    fn api(&self) -> AgentClient<tonic::transport::Channel> {
-        let ch = self
-            .rt
+    fn channel(&self) -> tonic::transport::Channel {
+        self.rt
             .block_on(rthooks_api::client::connect_unix(
                 self.socket.to_str().unwrap(),
                 Duration::from_secs(5),
             ))
-            .unwrap();
-        AgentClient::new(ch)
+            .unwrap()
+    }
+
+    fn api(&self) -> AgentClient<tonic::transport::Channel> {
+        AgentClient::new(self.channel())
     }
 
     pub fn status(&self) -> v1::StatusResponse {
@@ -262,14 +264,7 @@ impl Agent {
 
     /// What the OCI hook sends, through the same gRPC method.
     pub fn runtime_hook(&self, req: CreateContainer) -> Result<(), tonic::Status> {
-        let ch = self
-            .rt
-            .block_on(rthooks_api::client::connect_unix(
-                self.socket.to_str().unwrap(),
-                Duration::from_secs(5),
-            ))
-            .unwrap();
-        let mut client = FineGuidanceSensorsClient::new(ch);
+        let mut client = FineGuidanceSensorsClient::new(self.channel());
         self.rt
             .block_on(client.runtime_hook(RuntimeHookRequest {
                 event: Some(runtime_hook_request::Event::CreateContainer(req)),
