@@ -122,7 +122,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let incoming = server::authorized_incoming(listener, config.allow_uids.clone());
     let (hooks, api) = server::services(agent.clone());
     tracing::info!(socket = %socket.display(), "serving RuntimeHook and rthooks.v1.Agent");
-    let shutdown = async {
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
         tokio::select! {
@@ -130,13 +131,22 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
         tracing::info!("shutting down; pinned programs keep enforcing");
+        let _ = stopping_tx.send(true);
     };
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(hooks)
         .add_service(api)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .context("gRPC server")?;
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    // Graceful shutdown waits for every connection, and event streams never end on their
+    // own: give in-flight calls a moment, then leave (nothing is lost, the pins enforce).
+    let grace = async move {
+        let _ = stopping_rx.wait_for(|stopping| *stopping).await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    tokio::select! {
+        result = server => result.context("gRPC server")?,
+        _ = grace => {}
+    }
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

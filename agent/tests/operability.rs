@@ -224,3 +224,42 @@ fn unpin_detaches_everything() {
     );
     assert!(!agent.pin_dir.exists());
 }
+
+#[test]
+fn sigterm_ends_the_agent_despite_open_event_streams_and_keeps_the_pins() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let mut agent = Agent::start(&[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let socket = agent.socket.to_str().unwrap().to_string();
+    let _stream = rt.block_on(async {
+        let ch = rthooks_api::client::connect_unix(&socket, Duration::from_secs(5))
+            .await
+            .unwrap();
+        v1::agent_client::AgentClient::new(ch)
+            .get_events(v1::GetEventsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    // Generous: this checks that it ends at all, not how fast.
+    let status = agent
+        .terminate(Duration::from_secs(30))
+        .expect("agent still running 30 s after SIGTERM");
+    assert!(status.success(), "{status}\n{}", agent.log());
+    assert!(!agent.socket.exists(), "socket left behind");
+    assert!(
+        agent
+            .pin_dir
+            .join("links")
+            .read_dir()
+            .unwrap()
+            .next()
+            .is_some(),
+        "pins removed"
+    );
+}
