@@ -191,6 +191,11 @@ async fn first_instruction(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
             }
             match exit {
                 Some(137) => "killed at its first exec (exit 137)".to_string(),
+                // LSM mode: runc's init cannot exec the entrypoint (EPERM) and exits
+                // non-zero; the deny event checked below says why.
+                Some(code) if code != 0 => {
+                    format!("its entrypoint exec was refused (runc init exit {code})")
+                }
                 other => bail!("the selected container was not stopped: exit {other:?}"),
             }
         }
@@ -204,6 +209,9 @@ async fn first_instruction(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
     cri.remove_pod(&pod).await?;
     if ev["container"]["pod_name"] != "blocked" || ev["binary"] != "/bin/busybox" {
         bail!("unexpected event: {ev}");
+    }
+    if how.contains("refused") && ev["action"] != "deny" {
+        bail!("{how}, but the event is not a deny: {ev}");
     }
     Ok(format!(
         "{how}; event {} by {}",
