@@ -358,7 +358,8 @@ state = "{d}/state"
     }
 
     async fn wait_up(&mut self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Stretched in VM guests: containerd 1.7 on 5.10 under TCG needs 20–30 s to start.
+        let deadline = Instant::now() + crate::guest::secs(30);
         while !self.socket().exists() {
             if let Some(st) = self
                 .child

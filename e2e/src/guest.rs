@@ -78,7 +78,7 @@ impl Verdict {
 }
 
 /// How much longer than on a host to wait: TCG guests run an order of magnitude slower.
-fn patience() -> f64 {
+pub fn patience() -> f64 {
     if let Some(p) = std::env::var("RTHOOKS_E2E_PATIENCE")
         .ok()
         .and_then(|p| p.parse().ok())
@@ -93,7 +93,7 @@ fn patience() -> f64 {
 }
 
 /// `n` seconds, stretched by [`patience`].
-fn secs(n: u64) -> Duration {
+pub fn secs(n: u64) -> Duration {
     Duration::from_secs_f64(n as f64 * patience())
 }
 
