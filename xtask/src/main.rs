@@ -24,8 +24,12 @@ enum Command {
     Setup,
     /// Build the eBPF object and every binary (release).
     Build,
-    /// Run every test this machine can run (unit, integration, kernel).
+    /// Run every test this machine can run: unit, integration and host-kernel tests, then
+    /// the e2e suite in a QEMU guest of the default kernel (6.12).
     Test {
+        /// Skip the VM suite (faster local runs; CI runs it).
+        #[arg(long)]
+        no_e2e: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -50,9 +54,11 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Setup => Ok(()),
         Command::Build => util::cargo(&["build", "--release", "--bins"]),
-        Command::Test { args } => test(&args),
+        Command::Test { no_e2e, args } => test(&args, !no_e2e),
         Command::RunAgent { args } => run::run_agent(&args),
-        Command::Bench => util::cargo(&["bench", "-p", "rthooks-agent", "--bench", "exec_overhead"]),
+        Command::Bench => {
+            util::cargo(&["bench", "-p", "rthooks-agent", "--bench", "exec_overhead"])
+        }
         Command::Vm(select) => vm::vm(&select),
         Command::E2e(args) => vm::e2e(&args),
     }
@@ -60,10 +66,34 @@ fn main() -> Result<()> {
 
 /// Commands run on the workspace's default members: `--workspace` would also build the
 /// eBPF crate for the host, which cannot work (it is built by agent/build.rs instead).
-fn test(extra: &[String]) -> Result<()> {
+fn test(extra: &[String], e2e: bool) -> Result<()> {
     // Binaries first: the integration tests start the real agent and hooks.
     util::cargo(&["build", "--bins"])?;
     let mut args = vec!["test", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
-    util::cargo(&args)
+    let host = util::cargo(&args);
+    // The VM suite runs even when a host test failed: its matrix tells more about why.
+    let guests = if e2e {
+        vm::e2e(&vm::E2eArgs {
+            select: vm::Select {
+                kernels: vec![DEFAULT_E2E_KERNEL.into()],
+                all: false,
+                kernel_dir: Vec::new(),
+                append: String::new(),
+            },
+            timeout: 1200,
+            scenario_timeout: 180,
+            scenario: None,
+            no_build: false,
+            bin_dir: None,
+            crio_dir: None,
+        })
+    } else {
+        Ok(())
+    };
+    host?;
+    guests
 }
+
+/// The kernel `cargo xtask test` boots (kernels.toml's default).
+const DEFAULT_E2E_KERNEL: &str = "6.12";
