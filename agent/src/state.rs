@@ -588,6 +588,19 @@ pub mod tests {
         .remove(0)
     }
 
+    /// Adds an API policy (`policy(..)`) and returns its slot.
+    fn add(
+        s: &mut State,
+        m: &mut FakeMaps,
+        name: &str,
+        app: &str,
+        binary: &str,
+        action: &str,
+    ) -> usize {
+        s.upsert_policy(policy(name, app, binary, action), PolicySource::Api, m)
+            .unwrap()
+    }
+
     fn container(cgroup: u64, id: &str, app: &str) -> ContainerRecord {
         ContainerRecord {
             identity: ContainerIdentity {
@@ -683,12 +696,7 @@ pub mod tests {
     fn removal_returns_maps_to_their_size_before() {
         let mut s = State::new();
         let mut m = FakeMaps::default();
-        s.upsert_policy(
-            policy("p", "web", "/bin/x", "Kill"),
-            PolicySource::Api,
-            &mut m,
-        )
-        .unwrap();
+        add(&mut s, &mut m, "p", "web", "/bin/x", "Kill");
         let (c0, b0) = (m.containers.len(), m.binaries.len());
         for i in 0..1000u64 {
             s.upsert_container(container(100 + i, &format!("c{i}"), "web"), &mut m)
@@ -706,12 +714,7 @@ pub mod tests {
     fn failed_map_write_leaves_state_unchanged() {
         let mut s = State::new();
         let mut m = FakeMaps::default();
-        s.upsert_policy(
-            policy("p", "web", "/bin/x", "Deny"),
-            PolicySource::Api,
-            &mut m,
-        )
-        .unwrap();
+        add(&mut s, &mut m, "p", "web", "/bin/x", "Deny");
         m.fail_container_writes = true;
         assert!(s
             .upsert_container(container(5, "a", "web"), &mut m)
@@ -746,15 +749,7 @@ pub mod tests {
             &mut m,
         )
         .unwrap();
-        assert_eq!(
-            s.upsert_policy(
-                policy("one-more", "web", "/bin/x", "Audit"),
-                PolicySource::Api,
-                &mut m
-            )
-            .unwrap(),
-            7
-        );
+        assert_eq!(add(&mut s, &mut m, "one-more", "web", "/bin/x", "Audit"), 7);
     }
 
     #[test]
@@ -783,12 +778,7 @@ pub mod tests {
         let store = Store::open(tmp.path()).unwrap();
         let mut s = State::new();
         let mut m = FakeMaps::default();
-        s.upsert_policy(
-            policy("p", "web", "/bin/x", "Deny"),
-            PolicySource::Api,
-            &mut m,
-        )
-        .unwrap();
+        add(&mut s, &mut m, "p", "web", "/bin/x", "Deny");
         store.save_policies(s.policies()).unwrap();
         store.save_container(&container(10, "a", "web")).unwrap();
         store.save_container(&container(11, "b", "web")).unwrap();
@@ -804,12 +794,7 @@ pub mod tests {
     fn restart_rebuilds_exactly_and_drops_stale_entries() {
         let mut s = State::new();
         let mut m = FakeMaps::default();
-        s.upsert_policy(
-            policy("p", "web", "/bin/x", "Deny"),
-            PolicySource::Api,
-            &mut m,
-        )
-        .unwrap();
+        add(&mut s, &mut m, "p", "web", "/bin/x", "Deny");
         s.upsert_container(container(10, "a", "web"), &mut m)
             .unwrap();
         let snap = s.snapshot();

@@ -20,11 +20,9 @@ fn wait_policies(agent: &Agent, n: usize) {
     });
 }
 
-#[test]
-fn denied_binary_never_runs_and_the_event_names_the_pod() {
-    if !kernel_tests_possible() {
-        return;
-    }
+/// An agent that trusts the labels annotation, a victim binary, and a file policy denying
+/// it to pods labelled app=web (loaded through the watched directory).
+fn agent_with_deny_file() -> (Agent, Victim) {
     let agent = Agent::start(&["--trust-label-annotation"]);
     let victim = Victim::new();
     write_policy(
@@ -33,6 +31,15 @@ fn denied_binary_never_runs_and_the_event_names_the_pod() {
         &policy_yaml("deny-victim", "web", &victim.path, "Deny"),
     );
     wait_policies(&agent, 1);
+    (agent, victim)
+}
+
+#[test]
+fn denied_binary_never_runs_and_the_event_names_the_pod() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let (agent, victim) = agent_with_deny_file();
 
     let pod = Cgroup::new("rthooks-pod");
     let other = Cgroup::new("rthooks-other");
@@ -130,14 +137,7 @@ fn policy_stops_applying_when_labels_change_or_the_policy_goes() {
     if !kernel_tests_possible() {
         return;
     }
-    let agent = Agent::start(&["--trust-label-annotation"]);
-    let victim = Victim::new();
-    write_policy(
-        &agent,
-        "deny.yaml",
-        &policy_yaml("deny-victim", "web", &victim.path, "Deny"),
-    );
-    wait_policies(&agent, 1);
+    let (agent, victim) = agent_with_deny_file();
     let pod = Cgroup::new("rthooks-pod");
     agent
         .runtime_hook(hook_request(&pod, "c1", r#"{"app":"web"}"#))
@@ -245,14 +245,7 @@ fn enforcement_survives_an_agent_crash_and_restart() {
     if !kernel_tests_possible() {
         return;
     }
-    let mut agent = Agent::start(&["--trust-label-annotation"]);
-    let victim = Victim::new();
-    write_policy(
-        &agent,
-        "deny.yaml",
-        &policy_yaml("deny-victim", "web", &victim.path, "Deny"),
-    );
-    wait_policies(&agent, 1);
+    let (mut agent, victim) = agent_with_deny_file();
     let api_policy = policy_yaml(
         "audit-other",
         "web",
