@@ -20,7 +20,7 @@ use crate::stack::{wait_until, Binaries, Stack};
 
 /// Pods labelled app=blocked may not run busybox; every container of this suite runs
 /// `/bin/sleep`, a busybox link, as its first instruction.
-const POLICY: &str = "apiVersion: rthooks.io/v1alpha1
+pub const POLICY: &str = "apiVersion: rthooks.io/v1alpha1
 kind: RuntimePolicy
 metadata:
   name: deny-busybox-blocked

@@ -11,6 +11,7 @@
 pub mod containerd;
 pub mod cri;
 pub mod debian;
+pub mod demo;
 pub mod guest;
 pub mod images;
 pub mod stack;

@@ -23,6 +23,12 @@ struct Cli {
 enum Cmd {
     /// Download the containerd releases and build the OCI image tarballs (cached).
     Prefetch,
+    /// The whole stack, narrated: a selected pod stopped at its first exec, another running.
+    Demo {
+        /// Where the rthooks binaries are (default: this binary's directory).
+        #[arg(long, env = "RTHOOKS_BIN_DIR")]
+        bin_dir: Option<PathBuf>,
+    },
     /// Run the CRI scenarios (needs root) and append JSON result lines.
     Guest {
         /// The results file (JSON lines).
@@ -53,18 +59,20 @@ fn main() -> Result<()> {
             eprintln!("prefetch: {}", images::busybox_tar()?.display());
             Ok(())
         }
+        Cmd::Demo { bin_dir } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(rthooks_e2e::demo::run(&bin_dir_or_own(bin_dir)))
+        }
         Cmd::Guest {
             results,
             bin_dir,
             filter,
             timeout,
         } => {
-            let bin_dir = bin_dir.unwrap_or_else(|| {
-                std::env::current_exe()
-                    .ok()
-                    .and_then(|p| p.parent().map(PathBuf::from))
-                    .unwrap_or_default()
-            });
+            let bin_dir = bin_dir_or_own(bin_dir);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -81,4 +89,14 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The given directory, or the one this binary is in (where cargo puts its siblings).
+fn bin_dir_or_own(dir: Option<PathBuf>) -> PathBuf {
+    dir.unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(PathBuf::from))
+            .unwrap_or_default()
+    })
 }

@@ -34,6 +34,9 @@ enum Command {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Boot the default kernel and watch the whole stack stop a selected pod at its
+    /// first exec while another runs (containerd + NRI plugin + OCI hook + agent).
+    Demo,
     /// Run the benchmarks and print their figures (exec overhead, hook registration).
     Bench,
     /// Build and start the agent here with the sample policies (deploy/policies).
@@ -56,6 +59,7 @@ fn main() -> Result<()> {
         Command::Build => util::cargo(&["build", "--release", "--bins"]),
         Command::Test { no_e2e, args } => test(&args, !no_e2e),
         Command::RunAgent { args } => run::run_agent(&args),
+        Command::Demo => vm::demo(),
         Command::Bench => {
             util::cargo(&["bench", "-p", "rthooks-agent", "--bench", "exec_overhead"])
         }
@@ -87,6 +91,7 @@ fn test(extra: &[String], e2e: bool) -> Result<()> {
             no_build: false,
             bin_dir: None,
             crio_dir: None,
+            command: None,
         })
     } else {
         Ok(())

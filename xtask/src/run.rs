@@ -10,7 +10,14 @@ pub fn run_agent(extra: &[String]) -> Result<()> {
     if effective_uid() != 0 {
         bail!("the agent loads eBPF programs: run as root");
     }
-    cargo(&["build", "--release", "-p", "rthooks-agent", "-p", "rthooks-oci-hook"])?;
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "rthooks-agent",
+        "-p",
+        "rthooks-oci-hook",
+    ])?;
     let root = workspace_root();
     let state = root.join("target/run/state");
     std::fs::create_dir_all(&state)?;
@@ -19,7 +26,10 @@ pub fn run_agent(extra: &[String]) -> Result<()> {
          in another shell: target/release/rthooksctl status | containers | policies list | events"
     );
     run(Command::new(root.join("target/release/rthooks-agent"))
-        .arg(format!("--policy-dir={}", root.join("deploy/policies").display()))
+        .arg(format!(
+            "--policy-dir={}",
+            root.join("deploy/policies").display()
+        ))
         .arg(format!("--state-dir={}", state.display()))
         .arg("--events-file=-")
         .arg("--metrics-address=127.0.0.1:9810")

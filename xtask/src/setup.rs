@@ -57,8 +57,11 @@ fn apt_packages() -> Result<()> {
 }
 
 fn nightly_sysroot() -> Result<PathBuf> {
-    let sysroot = output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))
-        .context("the nightly toolchain is needed for the eBPF crate (`rustup toolchain list`)")?;
+    let sysroot =
+        output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))
+            .context(
+                "the nightly toolchain is needed for the eBPF crate (`rustup toolchain list`)",
+            )?;
     Ok(PathBuf::from(sysroot.trim()))
 }
 
@@ -77,7 +80,9 @@ fn rust_src() -> Result<()> {
 fn bpf_linker() -> Result<()> {
     // It loads the nightly's libLLVM at run time, which `rustup run` puts on the library
     // path (aya-build runs cargo the same way).
-    if let Some(v) = output(Command::new("rustup").args(["run", NIGHTLY, "bpf-linker", "--version"])) {
+    if let Some(v) =
+        output(Command::new("rustup").args(["run", NIGHTLY, "bpf-linker", "--version"]))
+    {
         if v.contains(BPF_LINKER_VERSION) {
             return Ok(());
         }
@@ -103,8 +108,16 @@ fn bpf_linker() -> Result<()> {
         llvm_lib.display()
     );
     run(Command::new("cargo")
-        .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked"])
-        .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
         .env("LLVM_PREFIX", &prefix))
 }
 
@@ -130,8 +143,14 @@ mod tests {
 
     #[test]
     fn llvm_major_from_rustc_library_names() {
-        assert_eq!(llvm_major(Path::new("/x/libLLVM.so.22.1-rust-1.97.0-nightly")).unwrap(), 22);
-        assert_eq!(llvm_major(Path::new("/x/libLLVM-22-rust-1.97.0-nightly.so")).unwrap(), 22);
+        assert_eq!(
+            llvm_major(Path::new("/x/libLLVM.so.22.1-rust-1.97.0-nightly")).unwrap(),
+            22
+        );
+        assert_eq!(
+            llvm_major(Path::new("/x/libLLVM-22-rust-1.97.0-nightly.so")).unwrap(),
+            22
+        );
         assert!(llvm_major(Path::new("/x/libfoo.so")).is_err());
     }
 }

@@ -72,6 +72,9 @@ pub struct E2eArgs {
     /// that column is skipped and says why.
     #[arg(long, value_name = "DIR")]
     pub crio_dir: Option<PathBuf>,
+    /// What the guest runs instead of the suite (`cargo xtask demo`).
+    #[arg(skip)]
+    pub command: Option<String>,
 }
 
 /// A kernel ready to boot.
@@ -272,7 +275,7 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
     let mut rows = Vec::new();
     let mut summary = Vec::new();
     for p in &prepared {
-        let (r, line) = run_kernel(p, args, accel, &qemu_bin, &out_dir)?;
+        let (r, line, _) = run_kernel(p, args, accel, &qemu_bin, &out_dir)?;
         rows.extend(r);
         summary.push(line);
     }
@@ -315,7 +318,7 @@ fn run_kernel(
     accel: qemu::Accel,
     qemu_bin: &Path,
     out_dir: &Path,
-) -> Result<(Vec<matrix::Row>, String)> {
+) -> Result<(Vec<matrix::Row>, String, bool)> {
     let name = &p.kernel.name;
     let results = out_dir.join(name);
     let _ = std::fs::remove_dir_all(&results);
@@ -380,7 +383,53 @@ fn run_kernel(
         results.join("console.log").display()
     );
     eprintln!("e2e: {line}");
-    Ok((rows, line))
+    let job_ok = matches!(result.outcome, qemu::Outcome::Done { rc: 0 });
+    Ok((rows, line, job_ok))
+}
+
+/// `cargo xtask demo`: boots the default kernel and runs `rthooks-e2e demo` in it, which
+/// narrates the whole stack stopping a selected pod at its first exec.
+pub fn demo() -> Result<()> {
+    let args = E2eArgs {
+        select: Select {
+            kernels: Vec::new(),
+            all: false,
+            kernel_dir: Vec::new(),
+            append: String::new(),
+        },
+        timeout: 900,
+        scenario_timeout: 300,
+        scenario: None,
+        no_build: false,
+        bin_dir: None,
+        crio_dir: None,
+        command: None,
+    };
+    crate::util::cargo(&["build", "--bins"])?;
+    let config = config()?;
+    let kernels = args.select.kernels(&config)?;
+    let mut stats = FetchStats::default();
+    let prepared = prepare(&config, &kernels, &[], &mut stats)?;
+    let bins = bin_dir(&args);
+    prefetch_e2e_crate(&bins);
+    let args = E2eArgs {
+        command: Some(format!(
+            "{} demo",
+            sh_quote(&bins.join("rthooks-e2e").display().to_string())
+        )),
+        ..args
+    };
+    let qemu_bin = PathBuf::from(
+        std::env::var("RTHOOKS_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
+    );
+    let accel = qemu::choose_accel(&qemu_bin, &prepared[0].tree.vmlinuz, &prepared[0].initramfs);
+    let out_dir = target_dir().join("demo");
+    std::fs::create_dir_all(&out_dir)?;
+    let (_, line, ok) = run_kernel(&prepared[0], &args, accel, &qemu_bin, &out_dir)?;
+    if !ok {
+        anyhow::bail!("the demo did not complete: {line}");
+    }
+    Ok(())
 }
 
 fn bin_dir(args: &E2eArgs) -> PathBuf {
@@ -455,10 +504,13 @@ fn job_script(kernel: &str, args: &E2eArgs, accel: qemu::Accel) -> String {
     for (k, v) in vars {
         s.push_str(&format!("export {k}={}\n", sh_quote(&v)));
     }
-    s.push_str(&format!(
-        "exec /bin/bash {}\n",
-        sh_quote(&ws.join("vm/guest/suite.sh").display().to_string())
-    ));
+    match &args.command {
+        Some(command) => s.push_str(&format!("exec {command}\n")),
+        None => s.push_str(&format!(
+            "exec /bin/bash {}\n",
+            sh_quote(&ws.join("vm/guest/suite.sh").display().to_string())
+        )),
+    }
     s
 }
 
@@ -502,6 +554,7 @@ mod tests {
             no_build: true,
             bin_dir: Some("/b".into()),
             crio_dir: None,
+            command: None,
         };
         let s = job_script("6.12", &args, qemu::Accel::Tcg);
         assert!(s.contains("export RTHOOKS_KERNEL='6.12'\n"));
@@ -510,5 +563,11 @@ mod tests {
         assert!(s.contains("export RTHOOKS_BIN_DIR='/b'\n"));
         assert!(s.contains("export RTHOOKS_VM_ACCEL='tcg'\n"));
         assert!(s.lines().last().unwrap().starts_with("exec /bin/bash '"));
+        let demo = E2eArgs {
+            command: Some("/b/rthooks-e2e demo".into()),
+            ..args
+        };
+        let s = job_script("6.12", &demo, qemu::Accel::Tcg);
+        assert_eq!(s.lines().last().unwrap(), "exec /b/rthooks-e2e demo");
     }
 }
