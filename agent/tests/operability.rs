@@ -18,6 +18,20 @@ fn http_get(addr: &str, path: &str) -> String {
     out
 }
 
+/// An open `GetEvents` stream from the agent at `socket`.
+fn subscribe_events(rt: &tokio::runtime::Runtime, socket: &str) -> tonic::Streaming<v1::Event> {
+    rt.block_on(async {
+        let ch = rthooks_api::client::connect_unix(socket, Duration::from_secs(5))
+            .await
+            .unwrap();
+        v1::agent_client::AgentClient::new(ch)
+            .get_events(v1::GetEventsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    })
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -73,16 +87,7 @@ fn metrics_events_stream_logs_and_cli() {
         .build()
         .unwrap();
     let socket = agent.socket.to_str().unwrap().to_string();
-    let mut stream = rt.block_on(async {
-        let ch = rthooks_api::client::connect_unix(&socket, Duration::from_secs(5))
-            .await
-            .unwrap();
-        v1::agent_client::AgentClient::new(ch)
-            .get_events(v1::GetEventsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-    });
+    let mut stream = subscribe_events(&rt, &socket);
     let (outcome, ran) = victim.run(&pod, "absolute");
     assert!(agent.denied(&outcome) && !ran, "{outcome:?}");
     let event = rt
@@ -236,16 +241,7 @@ fn sigterm_ends_the_agent_despite_open_event_streams_and_keeps_the_pins() {
         .build()
         .unwrap();
     let socket = agent.socket.to_str().unwrap().to_string();
-    let _stream = rt.block_on(async {
-        let ch = rthooks_api::client::connect_unix(&socket, Duration::from_secs(5))
-            .await
-            .unwrap();
-        v1::agent_client::AgentClient::new(ch)
-            .get_events(v1::GetEventsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-    });
+    let _stream = subscribe_events(&rt, &socket);
     // Generous: this checks that it ends at all, not how fast.
     let status = agent
         .terminate(Duration::from_secs(30))
