@@ -91,6 +91,7 @@ fn test(extra: &[String], e2e: bool) -> Result<()> {
             no_build: false,
             bin_dir: None,
             crio_dir: None,
+            runner: vm::RunnerKind::Qemu,
             command: None,
         })
     } else {

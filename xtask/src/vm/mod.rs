@@ -10,6 +10,7 @@ pub mod initramfs;
 pub mod kernels;
 pub mod matrix;
 pub mod qemu;
+pub mod vng;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -72,9 +73,20 @@ pub struct E2eArgs {
     /// that column is skipped and says why.
     #[arg(long, value_name = "DIR")]
     pub crio_dir: Option<PathBuf>,
+    /// What boots the guests: `qemu` (our initramfs and init) or `vng` (virtme-ng, pinned,
+    /// installed from PyPI into the cache on first use; `$RTHOOKS_VNG` names another).
+    /// Both run the same suite and write the same matrix.
+    #[arg(long, value_enum, default_value_t = RunnerKind::Qemu)]
+    pub runner: RunnerKind,
     /// What the guest runs instead of the suite (`cargo xtask demo`).
     #[arg(skip)]
     pub command: Option<String>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunnerKind {
+    Qemu,
+    Vng,
 }
 
 /// A kernel ready to boot.
@@ -324,8 +336,20 @@ fn run_kernel(
     let _ = std::fs::remove_dir_all(&results);
     std::fs::create_dir_all(&results)?;
     std::fs::write(results.join("job"), job_script(name, args, accel))?;
-    let mut append =
-        "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off rdinit=/init".to_string();
+    let runner = match args.runner {
+        RunnerKind::Qemu => qemu::Runner::Qemu,
+        RunnerKind::Vng => qemu::Runner::Vng {
+            vng: vng::ensure()?,
+            init: workspace_root().join("vm/guest/vng-init"),
+            results: results.clone(),
+        },
+    };
+    // virtme-ng sets up its own console and init.
+    let mut append = match args.runner {
+        RunnerKind::Qemu => "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off rdinit=/init",
+        RunnerKind::Vng => "panic=-1 loglevel=4 mitigations=off",
+    }
+    .to_string();
     for extra in [&p.kernel.append, &args.select.append] {
         if !extra.is_empty() {
             append.push(' ');
@@ -333,6 +357,7 @@ fn run_kernel(
         }
     }
     let boot = qemu::Boot {
+        runner,
         qemu: qemu_bin.to_path_buf(),
         accel,
         kernel: p.tree.vmlinuz.clone(),
@@ -356,10 +381,11 @@ fn run_kernel(
         smp: 2,
     };
     eprintln!(
-        "e2e: booting {name} ({}, {}) with {}",
+        "e2e: booting {name} ({}, {}) with {} via {:?}",
         p.tree.release,
         p.kernel.suite,
-        accel.name()
+        accel.name(),
+        args.runner
     );
     let prefix = format!("[{name}] ");
     let result = boot.run(|line| eprintln!("{prefix}{line}"))?;
@@ -403,6 +429,7 @@ pub fn demo() -> Result<()> {
         no_build: false,
         bin_dir: None,
         crio_dir: None,
+        runner: RunnerKind::Qemu,
         command: None,
     };
     crate::util::cargo(&["build", "--bins"])?;
@@ -465,7 +492,7 @@ fn absolute(p: &Path) -> PathBuf {
     }
 }
 
-fn sh_quote(s: &str) -> String {
+pub(crate) fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
@@ -554,6 +581,7 @@ mod tests {
             no_build: true,
             bin_dir: Some("/b".into()),
             crio_dir: None,
+            runner: RunnerKind::Qemu,
             command: None,
         };
         let s = job_script("6.12", &args, qemu::Accel::Tcg);

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use super::sh_quote;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
     Kvm,
@@ -19,7 +21,14 @@ impl Accel {
     fn args(self) -> &'static [&'static str] {
         match self {
             Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
-            Accel::Tcg => &["-accel", "tcg,thread=multi", "-cpu", "max"],
+            // One host thread runs every vCPU in turn. Multi-threaded TCG races with the
+            // guest's live code patching: a static key flipped while containers start
+            // (memcg, tracepoints, BPF LSM hooks) patches kernel text through int3
+            // (text_poke_bp), and under MTTCG on a busy host another vCPU can still
+            // execute a stale translation holding the int3 after the patcher finished,
+            // so the guest dies with "Oops: int3" (seen in CI, 6.12, at runc's first
+            // memory cgroup). The guest keeps 2 vCPUs, so SMP code paths still run.
+            Accel::Tcg => &["-accel", "tcg,thread=single", "-cpu", "max"],
         }
     }
 
@@ -39,8 +48,24 @@ pub struct Share {
     pub readonly: bool,
 }
 
+/// What boots the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Runner {
+    /// QEMU with our initramfs (`vm/guest/init`) and 9p shares.
+    Qemu,
+    /// virtme-ng: its own init and initramfs (modules from the kernel's tree), the host
+    /// root shared read-only with overlays; `init` (`vm/guest/vng-init`) then speaks our
+    /// console protocol and runs the job found in `results`.
+    Vng {
+        vng: PathBuf,
+        init: PathBuf,
+        results: PathBuf,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct Boot {
+    pub runner: Runner,
     /// `qemu-system-x86_64`, or a stand-in in tests.
     pub qemu: PathBuf,
     pub accel: Accel,
@@ -102,6 +127,64 @@ impl BootResult {
 
 impl Boot {
     pub fn command(&self) -> Command {
+        match &self.runner {
+            Runner::Qemu => self.qemu_command(),
+            Runner::Vng { vng, init, results } => self.vng_command(vng, init, results),
+        }
+    }
+
+    fn vng_command(&self, vng: &Path, init: &Path, results: &Path) -> Command {
+        let mut cmd = Command::new(vng);
+        // vng runs its siblings (virtme-run, virtme-ng-init) by name: a virtualenv's
+        // bin directory must be on PATH.
+        if let Some(bin) = vng.parent() {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let mut dirs = vec![bin.to_path_buf()];
+            dirs.extend(std::env::split_paths(&path));
+            if let Ok(joined) = std::env::join_paths(dirs) {
+                cmd.env("PATH", joined);
+            }
+        }
+        cmd.arg("--run").arg(&self.kernel);
+        // 9p: virtiofsd is not packaged here (vng would wait for it, then fall back).
+        cmd.args([
+            "--user",
+            "root",
+            "--verbose",
+            "--disable-monitor",
+            "--force-9p",
+        ]);
+        cmd.args(["--cpus", &self.smp.to_string(), "--memory", self.memory]);
+        // vng wants a path; a bare name means "the one on PATH", which it finds itself.
+        if self.qemu.components().count() > 1 {
+            cmd.arg("--qemu").arg(&self.qemu);
+        }
+        if self.accel == Accel::Tcg {
+            // vng would pick KVM whenever /dev/kvm opens; our trial boot knows better.
+            cmd.arg("--disable-kvm");
+            // `=`: the value starts with a dash, which argparse would take for an option.
+            cmd.arg("--qemu-opts=-accel tcg,thread=single");
+        }
+        if !self.append.is_empty() {
+            cmd.arg("--append").arg(&self.append);
+        }
+        // The same writable places our own init gives the guest (vm/guest/init): the
+        // scenarios write config, state and installs there; the host keeps its files.
+        for d in ["/etc", "/opt", "/root", "/usr/local", "/tmp", "/var/lib"] {
+            if Path::new(d).is_dir() {
+                cmd.args(["--overlay-rwdir", d]);
+            }
+        }
+        cmd.arg("--rwdir").arg(results);
+        cmd.arg("--exec").arg(format!(
+            "/bin/bash {} {}",
+            sh_quote(&init.display().to_string()),
+            sh_quote(&results.display().to_string())
+        ));
+        cmd
+    }
+
+    fn qemu_command(&self) -> Command {
         let mut cmd = Command::new(&self.qemu);
         cmd.args(self.accel.args());
         cmd.args(["-smp", &self.smp.to_string(), "-m", self.memory]);
@@ -354,6 +437,7 @@ fn try_kvm(qemu: &Path, kernel: &Path, initrd: &Path) -> Accel {
         return Accel::Tcg;
     }
     let trial = Boot {
+        runner: Runner::Qemu,
         qemu: qemu.to_path_buf(),
         accel: Accel::Kvm,
         kernel: kernel.to_path_buf(),
@@ -405,6 +489,7 @@ mod tests {
 
     fn boot(qemu: PathBuf, deadline: Duration) -> Boot {
         Boot {
+            runner: Runner::Qemu,
             qemu,
             accel: Accel::Tcg,
             kernel: "/k".into(),
@@ -498,6 +583,42 @@ mod tests {
     }
 
     #[test]
+    fn vng_command_line_runs_our_init_with_the_results_writable() {
+        let mut b = boot("/usr/bin/qemu-system-x86_64".into(), Duration::from_secs(1));
+        b.runner = Runner::Vng {
+            vng: "/venv/bin/vng".into(),
+            init: "/ws/vm/guest/vng-init".into(),
+            results: "/ws/target/e2e/6.12".into(),
+        };
+        b.append = "lsm=bpf".into();
+        let cmd = b.command();
+        assert_eq!(cmd.get_program(), "/venv/bin/vng");
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = args.join(" ");
+        assert!(joined.starts_with("--run /k "), "{joined}");
+        assert!(joined.contains("--disable-kvm --qemu-opts=-accel tcg,thread=single"));
+        assert!(joined.contains("--qemu /usr/bin/qemu-system-x86_64"));
+        assert!(joined.contains("--append lsm=bpf"));
+        assert!(joined.contains("--rwdir /ws/target/e2e/6.12"));
+        assert!(joined.contains("--overlay-rwdir /tmp"));
+        // --exec is one argument: vng hands it to a shell in the guest.
+        let exec = args.iter().position(|a| a == "--exec").unwrap();
+        assert_eq!(
+            args[exec + 1],
+            "/bin/bash '/ws/vm/guest/vng-init' '/ws/target/e2e/6.12'"
+        );
+        let path = cmd
+            .get_envs()
+            .find(|(k, _)| *k == "PATH")
+            .and_then(|(_, v)| v)
+            .unwrap();
+        assert!(path.to_string_lossy().starts_with("/venv/bin:"));
+    }
+
+    #[test]
     fn command_line_shares_and_accel() {
         let mut b = boot("qemu-system-x86_64".into(), Duration::from_secs(1));
         b.shares.push(Share {
@@ -511,7 +632,7 @@ mod tests {
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         let joined = args.join(" ");
-        assert!(joined.contains("-accel tcg,thread=multi -cpu max"));
+        assert!(joined.contains("-accel tcg,thread=single -cpu max"));
         assert!(joined.contains("-no-reboot"));
         assert!(joined.contains(
             "local,path=/,mount_tag=hostroot,security_model=none,multidevs=remap,readonly=on"
