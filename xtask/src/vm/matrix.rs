@@ -195,6 +195,77 @@ pub fn render_md(rows: &[Row], kernels: &[String], generated: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# rthooks e2e kernel matrix\n");
     let _ = writeln!(out, "Generated {generated} by `cargo xtask e2e`.\n");
+    tables(&mut out, rows, kernels);
+    let details: Vec<&Row> = rows.iter().filter(|r| !r.detail.is_empty()).collect();
+    if !details.is_empty() {
+        let _ = writeln!(out, "\n## Details\n");
+        for r in details {
+            let _ = writeln!(out, "- {}: {}", where_(r), cell_text(&cut(&r.detail, 400)));
+        }
+    }
+    out
+}
+
+/// The README's copy of the matrix: both tables, then every failure and skip with its
+/// reason (the pass details stay in `matrix.md`).
+pub fn render_readme(rows: &[Row], kernels: &[String], generated: &str, guests: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Generated {generated} by `cargo xtask e2e {}--update-readme` ({guests}).\n",
+        if kernels.len() > 1 { "--all " } else { "" }
+    );
+    tables(&mut out, rows, kernels);
+    let notes: Vec<&Row> = rows.iter().filter(|r| r.result != Verdict::Pass).collect();
+    if !notes.is_empty() {
+        let _ = writeln!(out, "\nWhat fails or is skipped, and why:\n");
+        for r in notes {
+            let what = if r.result == Verdict::Fail {
+                "fail"
+            } else {
+                "skip"
+            };
+            let _ = writeln!(
+                out,
+                "- {} — {what}: {}",
+                where_(r),
+                cell_text(&cut(&r.reason, 300))
+            );
+        }
+    }
+    out
+}
+
+pub const README_BEGIN: &str = "<!-- e2e-matrix:begin -->";
+pub const README_END: &str = "<!-- e2e-matrix:end -->";
+
+/// `readme` with the text between the matrix markers replaced by `section`.
+pub fn splice_readme(readme: &str, section: &str) -> Result<String, String> {
+    let (Some(b), Some(e)) = (readme.find(README_BEGIN), readme.find(README_END)) else {
+        return Err(format!(
+            "the README has no `{README_BEGIN}` … `{README_END}` section to update"
+        ));
+    };
+    if e < b {
+        return Err("the README's matrix markers are out of order".into());
+    }
+    let head = &readme[..b + README_BEGIN.len()];
+    Ok(format!(
+        "{head}\n{}{}",
+        section.trim_end_matches('\n').to_string() + "\n",
+        &readme[e..]
+    ))
+}
+
+fn where_(r: &Row) -> String {
+    if r.runtime.is_empty() {
+        format!("{} / {}", r.kernel, r.scenario)
+    } else {
+        format!("{} / {} ({})", r.kernel, r.scenario, r.runtime)
+    }
+}
+
+fn tables(out: &mut String, rows: &[Row], kernels: &[String]) {
     let _ = writeln!(out, "| kernel | uname | enforcement | pass | fail | skip |");
     let _ = writeln!(out, "|---|---|---|---|---|---|");
     for k in kernels {
@@ -256,25 +327,6 @@ pub fn render_md(rows: &[Row], kernels: &[String], generated: &str) -> String {
             let _ = writeln!(out);
         }
     }
-    let details: Vec<&Row> = rows.iter().filter(|r| !r.detail.is_empty()).collect();
-    if !details.is_empty() {
-        let _ = writeln!(out, "\n## Details\n");
-        for r in details {
-            let rt = if r.runtime.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", r.runtime)
-            };
-            let _ = writeln!(
-                out,
-                "- {} / {}{rt}: {}",
-                r.kernel,
-                r.scenario,
-                cell_text(&cut(&r.detail, 400))
-            );
-        }
-    }
-    out
 }
 
 pub fn render_json(rows: &[Row]) -> String {
@@ -391,5 +443,40 @@ mod tests {
             assert!(first.get(key).is_some(), "{key} missing in {first}");
         }
         assert_eq!(first["result"], "pass");
+    }
+
+    #[test]
+    fn readme_section_lists_failures_and_skips_with_reasons_and_splices_between_markers() {
+        let mut rows = parse_results("6.12", GUEST, Some("guest killed at the deadline (600 s)"));
+        rows[1].result = Verdict::Skip;
+        rows[1].reason = "CRI-O is not obtainable here".into();
+        let section = render_readme(&rows, &["6.12".into()], "2026-11-27 15:00 UTC", "tcg");
+        assert!(section.contains("| kernel | uname | enforcement | pass | fail | skip |"));
+        assert!(
+            section.contains("| 6.12 | 6.12.117+deb13-amd64 | - | 1 | 2 | 1 |"),
+            "{section}"
+        );
+        assert!(section.contains(
+            "- 6.12 / containerd_starts (containerd-2.1) — skip: CRI-O is not obtainable here"
+        ));
+        assert!(
+            section.contains(
+                "- 6.12 / agent_starts — fail: not reported: guest killed at the deadline (600 s)"
+            ),
+            "{section}"
+        );
+        assert!(
+            !section.contains("btf=yes"),
+            "pass details stay in matrix.md"
+        );
+
+        let readme = format!("# x\n\n{README_BEGIN}\nold\n{README_END}\n\ntail\n");
+        let new = splice_readme(&readme, &section).unwrap();
+        assert!(!new.contains("old"));
+        assert!(new.starts_with(&format!("# x\n\n{README_BEGIN}\nGenerated 2026-11-27")));
+        assert!(new.ends_with(&format!("\n{README_END}\n\ntail\n")));
+        // Idempotent: splicing the same section again changes nothing.
+        assert_eq!(splice_readme(&new, &section).unwrap(), new);
+        assert!(splice_readme("# no markers\n", &section).is_err());
     }
 }

@@ -78,6 +78,10 @@ pub struct E2eArgs {
     /// Both run the same suite and write the same matrix.
     #[arg(long, value_enum, default_value_t = RunnerKind::Qemu)]
     pub runner: RunnerKind,
+    /// Also write the matrix (both tables, every failure and skip with its reason) into
+    /// the README's "e2e matrix" section, failures included: that is what users read.
+    #[arg(long)]
+    pub update_readme: bool,
     /// What the guest runs instead of the suite (`cargo xtask demo`).
     #[arg(skip)]
     pub command: Option<String>,
@@ -307,6 +311,27 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
     }
     std::fs::write(out_dir.join("matrix.md"), &md)?;
     std::fs::write(out_dir.join("matrix.json"), matrix::render_json(&rows))?;
+    if args.update_readme {
+        let guests = format!(
+            "{} via {}, {}",
+            accel.name(),
+            match args.runner {
+                RunnerKind::Qemu => "QEMU",
+                RunnerKind::Vng => "virtme-ng",
+            },
+            summary
+                .iter()
+                .map(|s| s.split(" (console:").next().unwrap_or(s).to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        let section = matrix::render_readme(&rows, &names, &generated, &guests);
+        let readme = workspace_root().join("README.md");
+        let text = std::fs::read_to_string(&readme)?;
+        let new = matrix::splice_readme(&text, &section).map_err(anyhow::Error::msg)?;
+        std::fs::write(&readme, new)?;
+        eprintln!("e2e: updated the matrix in {}", readme.display());
+    }
     println!("\n{md}");
     eprintln!(
         "e2e: wrote {} and matrix.json",
@@ -430,6 +455,7 @@ pub fn demo() -> Result<()> {
         bin_dir: None,
         crio_dir: None,
         runner: RunnerKind::Qemu,
+        update_readme: false,
         command: None,
     };
     crate::util::cargo(&["build", "--bins"])?;
@@ -582,6 +608,7 @@ mod tests {
             bin_dir: Some("/b".into()),
             crio_dir: None,
             runner: RunnerKind::Qemu,
+            update_readme: false,
             command: None,
         };
         let s = job_script("6.12", &args, qemu::Accel::Tcg);
