@@ -48,6 +48,9 @@ pub struct Share {
     pub readonly: bool,
 }
 
+/// The 9p tag of the host root that `vm/guest/vng-init` mounts with `cache=loose`.
+pub const VNG_CACHED_ROOT_TAG: &str = "rthooks-hostroot";
+
 /// What boots the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Runner {
@@ -159,12 +162,18 @@ impl Boot {
         if self.qemu.components().count() > 1 {
             cmd.arg("--qemu").arg(&self.qemu);
         }
+        // A second share of the host root that vm/guest/vng-init mounts with the page
+        // cache (vng's own root mount has none; a 9p channel mounts only once).
+        let mut qemu_opts = format!(
+            "-virtfs local,path=/,mount_tag={VNG_CACHED_ROOT_TAG},security_model=none,multidevs=remap,readonly=on"
+        );
         if self.accel == Accel::Tcg {
             // vng would pick KVM whenever /dev/kvm opens; our trial boot knows better.
             cmd.arg("--disable-kvm");
-            // `=`: the value starts with a dash, which argparse would take for an option.
-            cmd.arg("--qemu-opts=-accel tcg,thread=single");
+            qemu_opts.push_str(" -accel tcg,thread=single");
         }
+        // `=`: the value starts with a dash, which argparse would take for an option.
+        cmd.arg(format!("--qemu-opts={qemu_opts}"));
         if !self.append.is_empty() {
             cmd.arg("--append").arg(&self.append);
         }
@@ -599,7 +608,7 @@ mod tests {
             .collect();
         let joined = args.join(" ");
         assert!(joined.starts_with("--run /k "), "{joined}");
-        assert!(joined.contains("--disable-kvm --qemu-opts=-accel tcg,thread=single"));
+        assert!(joined.contains("--disable-kvm --qemu-opts=-virtfs local,path=/,mount_tag=rthooks-hostroot,security_model=none,multidevs=remap,readonly=on -accel tcg,thread=single"), "{joined}");
         assert!(joined.contains("--qemu /usr/bin/qemu-system-x86_64"));
         assert!(joined.contains("--append lsm=bpf"));
         assert!(joined.contains("--rwdir /ws/target/e2e/6.12"));
