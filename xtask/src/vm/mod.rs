@@ -49,15 +49,21 @@ impl Select {
     }
 }
 
+/// Seconds a guest may run: the whole 6.12 suite takes ~15–25 min under TCG on a busy
+/// 2-core host (each enforcement scenario starts 20 containers per runtime path).
+pub const DEFAULT_GUEST_TIMEOUT: u64 = 2700;
+/// Seconds one scenario may run: 20 podman starts take ~3 min on a busy host.
+pub const DEFAULT_SCENARIO_TIMEOUT: u64 = 420;
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct E2eArgs {
     #[command(flatten)]
     pub select: Select,
     /// Seconds a guest may run before it is killed and reported.
-    #[arg(long, default_value_t = 1200)]
+    #[arg(long, default_value_t = DEFAULT_GUEST_TIMEOUT)]
     pub timeout: u64,
     /// Seconds one scenario may run inside the guest.
-    #[arg(long, default_value_t = 180)]
+    #[arg(long, default_value_t = DEFAULT_SCENARIO_TIMEOUT)]
     pub scenario_timeout: u64,
     /// Run only scenarios whose name contains this.
     #[arg(long)]
