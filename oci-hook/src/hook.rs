@@ -245,8 +245,7 @@ fn create_runtime(
             let req = agent::create_container_request(bundle, cg, &identity, &annotations);
             tracing::debug!(address = %c.grpc_address, cgroup = cg, id = %identity.container_id, "calling RuntimeHook");
             let t = Instant::now();
-            let r = agent::block_on(agent::runtime_hook(&c.grpc_address, c.grpc_timeout, req))
-                .and_then(|r| r);
+            let r = agent::runtime_hook(&c.grpc_address, c.grpc_timeout, req);
             line.insert("agent_ms".into(), json!(ms(t.elapsed())));
             match r {
                 Ok(()) => {
@@ -351,7 +350,7 @@ fn poststop(
         );
     }
     let timeout = c.grpc_timeout.min(Duration::from_secs(1));
-    let r = agent::block_on(agent::remove_container(&c.grpc_address, timeout, &id)).and_then(|r| r);
+    let r = agent::remove_container(&c.grpc_address, timeout, &id);
     match r {
         Ok(true) => finish(
             c,

@@ -6,13 +6,16 @@
 //!
 //! Modules: [`state`] (stdin state, `config.json`), [`cgroup`] (cgroupsPath forms),
 //! [`identity`] (annotations), [`config`] (flags, env, file), [`policy`] (failure rule),
-//! [`log`] (rotated JSON log), [`agent`] (gRPC), [`hook`] (one invocation),
+//! [`log`] (rotated JSON log), [`agent`] (the agent's methods), [`grpc`] and [`hpack`]
+//! (a one-call HTTP/2 gRPC client), [`hook`] (one invocation),
 //! [`install`] (hooks.d, containerd base spec, containerd NRI).
 pub mod agent;
 pub mod cgroup;
 pub mod config;
 pub mod error;
+pub mod grpc;
 pub mod hook;
+pub mod hpack;
 pub mod identity;
 pub mod install;
 pub mod log;

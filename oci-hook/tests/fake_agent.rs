@@ -19,6 +19,8 @@ enum Mode {
     Ok,
     Error,
     Hang,
+    /// Answers after this long.
+    Slow(Duration),
 }
 
 struct Fake {
@@ -40,6 +42,10 @@ impl FineGuidanceSensors for Fake {
             Mode::Error => Err(tonic::Status::unavailable("pod not found in the cache")),
             Mode::Hang => {
                 tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(tonic::Response::new(RuntimeHookResponse {}))
+            }
+            Mode::Slow(d) => {
+                tokio::time::sleep(d).await;
                 Ok(tonic::Response::new(RuntimeHookResponse {}))
             }
         }
@@ -474,4 +480,142 @@ fn tcp_address() {
         assert_eq!(out.exit_code, 0, "{addr}: {out:?}");
     }
     assert_eq!(seen.lock().unwrap().len(), 3);
+}
+
+/// A request far above HTTP/2's 16 KiB frame and 64 KiB initial window (kubelet allows
+/// 256 KiB of annotations): the client must wait for the server's window updates.
+#[test]
+fn large_request_crosses_frames_and_windows() {
+    let d = tempfile::tempdir().unwrap();
+    let a = start_agent(d.path(), Mode::Ok);
+    bundle(d.path(), "shop");
+    let cfg_path = d.path().join("bundle/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    for i in 0..400 {
+        cfg["annotations"][format!("example.com/key-{i}")] =
+            format!("{i}-{}", "v".repeat(600)).into();
+    }
+    let mounts: Vec<_> = (0..300)
+        .map(|i| {
+            serde_json::json!({"destination": format!("/data/{i}"), "type": "bind",
+            "source": format!("/var/lib/kubelet/pods/x/volumes/{i}"), "options": ["rbind", "ro"]})
+        })
+        .collect();
+    cfg["mounts"] = mounts.into();
+    std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let state = serde_json::json!({"id": CID, "bundle": d.path().join("bundle")}).to_string();
+    let out = run(d.path(), &a.sock, &state, &[]);
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let seen = a.seen.lock().unwrap();
+    assert_eq!(seen[0].annotations.len(), 407);
+    assert_eq!(
+        seen[0].annotations["example.com/key-399"],
+        format!("399-{}", "v".repeat(600))
+    );
+    assert_eq!(seen[0].mounts.len(), 300);
+    assert_eq!(seen[0].mounts[299].destination, "/data/299");
+}
+
+/// An agent that takes its time but answers within the deadline registers the container.
+#[test]
+fn slow_agent_within_the_deadline() {
+    let d = tempfile::tempdir().unwrap();
+    let a = start_agent(d.path(), Mode::Slow(Duration::from_millis(400)));
+    let t = Instant::now();
+    let out = run(
+        d.path(),
+        &a.sock,
+        &bundle(d.path(), "shop"),
+        &["--grpc-timeout", "3s"],
+    );
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    assert_eq!(out.log_line["decision"], "registered");
+    assert!(t.elapsed() >= Duration::from_millis(400));
+    let out = run(
+        d.path(),
+        &a.sock,
+        &bundle(d.path(), "shop"),
+        &["--grpc-timeout", "100ms"],
+    );
+    assert_eq!(out.exit_code, 1);
+    assert!(out.stderr.unwrap().contains("did not answer within 100 ms"));
+}
+
+/// The agent down in its three shapes: no socket file, a stale socket file nobody listens
+/// on (refused), and a listening socket whose owner never accepts (hung agent): each ends
+/// in the failure rule, the last at the deadline.
+#[test]
+fn agent_down_shapes() {
+    let d = tempfile::tempdir().unwrap();
+    let state = bundle(d.path(), "shop");
+    let missing = d.path().join("missing.sock");
+    let out = run(d.path(), &missing, &state, &[]);
+    assert_eq!(out.exit_code, 1);
+    let err = out.stderr.unwrap();
+    assert!(
+        err.contains("cannot connect") && err.contains("No such file"),
+        "{err}"
+    );
+
+    let stale = d.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let out = run(d.path(), &stale, &state, &[]);
+    assert_eq!(out.exit_code, 1);
+    let err = out.stderr.unwrap();
+    assert!(
+        err.contains("cannot connect") && err.contains("refused"),
+        "{err}"
+    );
+
+    let idle = d.path().join("idle.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&idle).unwrap();
+    // Fill the accept backlog too, so that connect itself has to wait.
+    let queued = fill_backlog(&idle);
+    assert!(!queued.is_empty());
+    let t = Instant::now();
+    let out = run(d.path(), &idle, &state, &["--grpc-timeout", "300ms"]);
+    assert_eq!(out.exit_code, 1);
+    assert!(out.stderr.unwrap().contains("did not answer within 300 ms"));
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    // In the kube-system namespace the same failure lets the container start.
+    let out = run(
+        d.path(),
+        &idle,
+        &bundle(d.path(), "kube-system"),
+        &["--grpc-timeout", "100ms"],
+    );
+    assert_eq!(out.exit_code, 0);
+    assert_eq!(out.log_line["decision"], "allowed-unregistered");
+}
+
+/// Connects non-blocking sockets to `path` until the listener's backlog is full (EAGAIN);
+/// returns them so they stay queued.
+fn fill_backlog(path: &Path) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let mut fds = Vec::new();
+    for _ in 0..100_000 {
+        // SAFETY: plain socket/connect calls on a descriptor owned at once.
+        unsafe {
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+            assert!(fd >= 0);
+            let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+            let mut addr: libc::sockaddr_un = std::mem::zeroed();
+            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+                *d = *s as libc::c_char;
+            }
+            let r = libc::connect(
+                fd,
+                &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            );
+            if r != 0 {
+                break;
+            }
+            fds.push(owned);
+        }
+    }
+    fds
 }
