@@ -135,6 +135,8 @@ pub struct Options {
     pub images: bool,
     /// NRI plugins for containerd to launch.
     pub prelaunched: Vec<PrelaunchedPlugin>,
+    /// runc with `SystemdCgroup = true` (needs a running systemd).
+    pub systemd_cgroup: bool,
 }
 
 impl Options {
@@ -145,6 +147,7 @@ impl Options {
             nri: true,
             images: true,
             prelaunched: Vec::new(),
+            systemd_cgroup: false,
         }
     }
 }
@@ -158,6 +161,8 @@ pub struct Containerd {
     /// Binaries.
     pub bins: Binaries,
     child: Option<Child>,
+    /// Image tarballs (and base names) imported once containerd is up.
+    pending_images: Vec<(PathBuf, &'static str)>,
     /// Pod cgroups created through [`Containerd::cri`] clients, removed on drop.
     pod_cgroups: Arc<Mutex<Vec<String>>>,
 }
@@ -170,6 +175,14 @@ impl Containerd {
 
     /// Starts containerd as `options` say.
     pub async fn start_with(options: Options) -> Result<Self> {
+        let mut c = Self::prepare(options).await?;
+        c.launch().await?;
+        Ok(c)
+    }
+
+    /// Creates the directory and writes the config without starting containerd, so a
+    /// caller can change the config first (e.g. an installer); then [`Containerd::launch`].
+    pub async fn prepare(options: Options) -> Result<Self> {
         let bins = tokio::task::spawn_blocking(move || binaries(options.release)).await??;
         let (pause, busybox) = if options.images {
             tokio::task::spawn_blocking(|| -> Result<_> {
@@ -189,6 +202,7 @@ impl Containerd {
             options: options.clone(),
             bins,
             child: None,
+            pending_images: Vec::new(),
             pod_cgroups: Arc::default(),
         };
         for d in [
@@ -214,14 +228,22 @@ impl Containerd {
             }
         }
         fs::write(c.config_path(), c.config_toml())?;
-        c.spawn()?;
-        c.wait_up().await?;
         for (tar, base) in [(pause, "localhost/pause"), (busybox, "localhost/busybox")] {
             if let Some(tar) = tar {
-                c.import(&tar, base)?;
+                c.pending_images.push((tar, base));
             }
         }
         Ok(c)
+    }
+
+    /// Starts a [`Containerd::prepare`]d containerd and imports the images.
+    pub async fn launch(&mut self) -> Result<()> {
+        self.spawn()?;
+        self.wait_up().await?;
+        for (tar, base) in std::mem::take(&mut self.pending_images) {
+            self.import(&tar, base)?;
+        }
+        Ok(())
     }
 
     /// containerd's gRPC (CRI) socket.
@@ -300,12 +322,14 @@ state = "{d}/state"
 [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
   BinaryName = "{runc}"
   Root = "{d}/runc"
+  SystemdCgroup = {systemd}
 
 [plugins."io.containerd.cri.v1.runtime".cni]
   bin_dirs = ["{d}/cni/bin"]
   conf_dir = "{d}/cni/conf"
 {nri}"#,
-                pause = images::PAUSE_IMAGE
+                pause = images::PAUSE_IMAGE,
+                systemd = self.options.systemd_cgroup
             ),
             Release::V1_7 => format!(
                 r#"version = 2
@@ -324,12 +348,14 @@ state = "{d}/state"
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
   BinaryName = "{runc}"
   Root = "{d}/runc"
+  SystemdCgroup = {systemd}
 
 [plugins."io.containerd.grpc.v1.cri".cni]
   bin_dir = "{d}/cni/bin"
   conf_dir = "{d}/cni/conf"
 {nri}"#,
-                pause = images::PAUSE_IMAGE
+                pause = images::PAUSE_IMAGE,
+                systemd = self.options.systemd_cgroup
             ),
         }
     }

@@ -25,6 +25,9 @@ pub struct PodSpec {
     pub labels: HashMap<String, String>,
     /// Pod annotations.
     pub annotations: HashMap<String, String>,
+    /// The kubelet runs with the systemd cgroup driver: the cgroup parent is a slice
+    /// (`kubepods-besteffort-pod<uid>.slice`) instead of a cgroupfs path.
+    pub systemd: bool,
 }
 
 impl PodSpec {
@@ -48,9 +51,38 @@ impl PodSpec {
         self
     }
 
-    /// kubelet's cgroupfs parent for a BestEffort pod.
+    /// kubelet's cgroup parent for a BestEffort pod: a cgroupfs path, or with the systemd
+    /// driver a slice name (kubelet escapes `-` in the UID as `_`).
     pub fn cgroup_parent(&self) -> String {
-        format!("/kubepods/besteffort/pod{}", self.uid)
+        if self.systemd {
+            format!(
+                "kubepods-besteffort-pod{}.slice",
+                self.uid.replace('-', "_")
+            )
+        } else {
+            format!("/kubepods/besteffort/pod{}", self.uid)
+        }
+    }
+
+    /// The pod's cgroup directory below the cgroup root (what [`remove_cgroup_tree`]
+    /// takes): the slice name expanded as systemd does with the systemd driver.
+    pub fn cgroup_dir(&self) -> String {
+        if self.systemd {
+            let slice = self.cgroup_parent();
+            let stem = slice.trim_end_matches(".slice");
+            let mut path = String::new();
+            let mut prefix = String::new();
+            for part in stem.split('-') {
+                if !prefix.is_empty() {
+                    prefix.push('-');
+                }
+                prefix.push_str(part);
+                path.push_str(&format!("/{prefix}.slice"));
+            }
+            path
+        } else {
+            self.cgroup_parent()
+        }
     }
 }
 
@@ -75,6 +107,19 @@ pub struct ContainerSpec {
     pub command: Vec<String>,
     /// Container annotations.
     pub annotations: HashMap<String, String>,
+    /// Bind mounts (kubelet's hostPath volumes).
+    pub mounts: Vec<HostMount>,
+}
+
+/// A hostPath-style bind mount.
+#[derive(Clone, Debug, Default)]
+pub struct HostMount {
+    /// The path on the node (a file or a directory).
+    pub host_path: PathBuf,
+    /// Where it appears in the container.
+    pub container_path: String,
+    /// Mounted read-only.
+    pub readonly: bool,
 }
 
 /// CRI clients on one socket.
@@ -184,7 +229,7 @@ impl Cri {
             })
             .await
             .context("RunPodSandbox")?;
-        self.pod_cgroups.lock().unwrap().push(spec.cgroup_parent());
+        self.pod_cgroups.lock().unwrap().push(spec.cgroup_dir());
         Ok(Pod {
             id: r.into_inner().pod_sandbox_id,
             spec: spec.clone(),
@@ -206,6 +251,16 @@ impl Cri {
             }),
             command: spec.command.clone(),
             annotations: spec.annotations.clone(),
+            mounts: spec
+                .mounts
+                .iter()
+                .map(|m| cri::Mount {
+                    host_path: m.host_path.display().to_string(),
+                    container_path: m.container_path.clone(),
+                    readonly: m.readonly,
+                    ..Default::default()
+                })
+                .collect(),
             log_path: format!("{}.log", spec.name),
             linux: Some(cri::LinuxContainerConfig {
                 security_context: Some(cri::LinuxContainerSecurityContext {
@@ -271,6 +326,33 @@ impl Cri {
         Ok(spec.clone())
     }
 
+    /// ExecSync: runs `cmd` in the container and waits for it (at most `timeout`
+    /// seconds). Returns the exit code and the combined output; a refused exec (e.g. an
+    /// LSM denying it) is an error, as kubelet sees it.
+    pub async fn exec_sync(
+        &mut self,
+        id: &str,
+        cmd: &[&str],
+        timeout: i64,
+    ) -> Result<(i32, String)> {
+        let r = self
+            .runtime
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout,
+            })
+            .await
+            .context("ExecSync")?
+            .into_inner();
+        let out = format!(
+            "{}{}",
+            String::from_utf8_lossy(&r.stdout),
+            String::from_utf8_lossy(&r.stderr)
+        );
+        Ok((r.exit_code, out))
+    }
+
     /// StopContainer (timeout in seconds).
     pub async fn stop_container(&mut self, id: &str, timeout: i64) -> Result<()> {
         self.runtime
@@ -309,7 +391,7 @@ impl Cri {
             })
             .await
             .context("RemovePodSandbox")?;
-        let cg = pod.spec.cgroup_parent();
+        let cg = pod.spec.cgroup_dir();
         remove_cgroup_tree(&cg);
         self.pod_cgroups.lock().unwrap().retain(|c| *c != cg);
         let _ = std::fs::remove_dir_all(self.log_root.join(&pod.spec.uid));

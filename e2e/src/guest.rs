@@ -2,6 +2,13 @@
 //! stack per containerd release, one result line per scenario, in the format of
 //! `vm/README.md` (a plan line first, then `scenario, runtime, result, reason, detail,
 //! seconds, enforcement_mode, uname`).
+//!
+//! Scenarios share one stack per group and release: `nri_*` and `why_hooks` the NRI
+//! plugin's, `base_spec_*` containerd configured by `rthooks-oci-hook install
+//! containerd-base-spec` (no NRI), `*systemd*` runc's systemd cgroup driver (skipped
+//! without systemd). "The entrypoint never ran" is proven by entrypoints that would
+//! write a file into a hostPath mount; an unselected container writing its file is the
+//! control that makes an absent file mean something.
 
 use std::future::Future;
 use std::io::Write;
@@ -9,17 +16,18 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+use crate::containerd::Options;
 use crate::containerd::{is_root, Release};
-use crate::cri::{ContainerSpec, Cri, PodSpec};
-use crate::images::BUSYBOX_IMAGE;
+use crate::cri::{ContainerSpec, Cri, HostMount, Pod, PodSpec};
+use crate::images::{BUSYBOX_IMAGE, PAUSE_IMAGE};
 use crate::k8s_cri::v1::ContainerState;
-use crate::stack::{wait_until, Binaries, Stack};
+use crate::stack::{wait_until, Binaries, HookPath, Stack};
 
 /// Pods labelled app=blocked may not run busybox; every container of this suite runs
-/// `/bin/sleep`, a busybox link, as its first instruction.
+/// `/bin/sleep` or `/bin/sh`, busybox links, as its first instruction.
 pub const POLICY: &str = "apiVersion: rthooks.io/v1alpha1
 kind: RuntimePolicy
 metadata:
@@ -32,15 +40,80 @@ spec:
       action: Deny
 ";
 
+/// Pods labelled app=audited are watched, not stopped.
+pub const AUDIT_POLICY: &str = "apiVersion: rthooks.io/v1alpha1
+kind: RuntimePolicy
+metadata:
+  name: audit-busybox-audited
+spec:
+  podSelector:
+    matchLabels: {app: audited}
+  rules:
+    - binaries: [/bin/busybox]
+      action: Audit
+";
+
+/// The base-spec path has no NRI plugin, so no pod labels reach the hook (without a
+/// Kubernetes API the agent only knows what the hook forwards): select by namespace.
+pub const NAMESPACE_POLICY: &str = "apiVersion: rthooks.io/v1alpha1
+kind: NamespacedRuntimePolicy
+metadata:
+  name: deny-busybox-locked
+  namespace: locked
+spec:
+  rules:
+    - binaries: [/bin/busybox]
+      action: Deny
+";
+
 /// The scenario names, in run order (each runs once per containerd release).
 pub const SCENARIOS: &[&str] = &[
     "nri_identity",
     "nri_first_instruction",
     "nri_non_matching",
+    "nri_audit",
     "nri_removal",
     "nri_sync_not_covered",
+    "why_hooks",
+    "nri_agent_down",
     "nri_runtime_restart",
+    "base_spec_first_instruction",
+    "base_spec_non_matching",
+    "nri_systemd_cgroup_identity",
 ];
+
+/// How many starts the first-instruction proofs make.
+pub const STARTS: usize = 20;
+
+/// Container starts in flight at once (one sandbox: 20 sequential starts under TCG would
+/// eat most of the scenario timeout).
+const PARALLEL: usize = 5;
+
+/// Which stack a scenario needs (scenarios of one group share one stack per release).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Group {
+    /// NRI plugin + hook + agent, cgroupfs driver.
+    Nri,
+    /// The hook in containerd's base runtime spec, no NRI.
+    BaseSpec,
+    /// NRI stack with runc's systemd cgroup driver.
+    Systemd,
+}
+
+const GROUPS: [Group; 3] = [Group::Nri, Group::BaseSpec, Group::Systemd];
+
+fn group_of(scenario: &str) -> Group {
+    if scenario.starts_with("base_spec_") {
+        Group::BaseSpec
+    } else if scenario.contains("systemd") {
+        Group::Systemd
+    } else {
+        Group::Nri
+    }
+}
+
+/// Where systemd says it runs (sd_booted(3)).
+const SYSTEMD_MARKER: &str = "/run/systemd/system";
 
 /// A scenario's verdict.
 #[derive(Debug, Clone)]
@@ -135,6 +208,257 @@ fn sleeper(name: &str) -> ContainerSpec {
     }
 }
 
+/// A fresh directory in the stack's scratch dir, mounted into containers at `/trace`.
+fn trace_dir(stack: &Stack, tag: &str) -> Result<PathBuf> {
+    let d = stack.dir.path().join(format!("trace-{tag}"));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// Files in a trace directory: one per entrypoint that ran.
+fn traces(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |rd| rd.count())
+}
+
+/// A container whose entrypoint (`/bin/sh`, i.e. busybox) first writes `/trace/<name>`
+/// into the hostPath mount `dir`, then sleeps: the file exists if and only if the
+/// entrypoint ran.
+fn tracer(name: &str, dir: &Path) -> ContainerSpec {
+    ContainerSpec {
+        name: name.into(),
+        image: BUSYBOX_IMAGE.into(),
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!("echo ran > /trace/{name}; exec sleep 600"),
+        ],
+        mounts: vec![HostMount {
+            host_path: dir.to_path_buf(),
+            container_path: "/trace".into(),
+            readonly: false,
+        }],
+        ..Default::default()
+    }
+}
+
+/// What became of a started container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fate {
+    /// StartContainer failed (LSM: runc cannot exec the entrypoint; or the hook failed).
+    Refused(String),
+    /// Exited 137: killed (sigkill mode kills at the first exec).
+    Killed,
+    /// Exited with another non-zero code (LSM: runc init's exec got EPERM).
+    Failed(i32),
+    /// Exited 0, or still running when we stopped looking: the entrypoint ran.
+    Ran,
+}
+
+impl Fate {
+    fn stopped(&self) -> bool {
+        *self != Fate::Ran
+    }
+}
+
+/// Starts container `id` and waits (up to 10 s, stretched) for it to exit.
+async fn start_fate(cri: &mut Cri, id: &str) -> Result<Fate> {
+    if let Err(e) = cri.start_container(id).await {
+        return Ok(Fate::Refused(format!("{}", e.root_cause())));
+    }
+    let deadline = Instant::now() + secs(10);
+    while Instant::now() < deadline {
+        let (st, _) = cri.container_status(id).await?;
+        if st.state == ContainerState::ContainerExited as i32 {
+            return Ok(match st.exit_code {
+                137 => Fate::Killed,
+                0 => Fate::Ran,
+                c => Fate::Failed(c),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Fate::Ran)
+}
+
+/// Creates `n` tracer containers `<prefix>-<i>` in `pod` and starts them, [`PARALLEL`]
+/// at a time. Returns (container id, fate) in order.
+async fn start_tracers(
+    cri: &Cri,
+    pod: &Pod,
+    n: usize,
+    prefix: &str,
+    dir: &Path,
+) -> Result<Vec<(String, Fate)>> {
+    let mut out = Vec::new();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        // At most PARALLEL in flight: more only adds load to the hook's 2 s deadline.
+        if set.len() >= PARALLEL {
+            out.push(set.join_next().await.expect("non-empty")??);
+        }
+        let (mut cri, pod) = (cri.clone(), pod.clone());
+        let spec = tracer(&format!("{prefix}-{i}"), dir);
+        set.spawn(async move {
+            let id = cri.create_container(&pod, &spec).await?;
+            let fate = start_fate(&mut cri, &id).await?;
+            Ok::<_, anyhow::Error>((i, id, fate))
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        out.push(r??);
+    }
+    out.sort_by_key(|(i, _, _)| *i);
+    Ok(out.into_iter().map(|(_, id, f)| (id, f)).collect())
+}
+
+/// "lsm: 20 refused" style summary of fates.
+fn fate_counts(fates: &[(String, Fate)]) -> String {
+    let (mut refused, mut killed, mut failed, mut ran) = (0, 0, 0, 0);
+    let mut why = String::new();
+    for (_, f) in fates {
+        match f {
+            Fate::Refused(e) => {
+                refused += 1;
+                why = e.clone();
+            }
+            Fate::Killed => killed += 1,
+            Fate::Failed(_) => failed += 1,
+            Fate::Ran => ran += 1,
+        }
+    }
+    let mut parts = Vec::new();
+    if refused > 0 {
+        parts.push(format!("{refused} start refused ({why})"));
+    }
+    if killed > 0 {
+        parts.push(format!("{killed} killed at the first exec (exit 137)"));
+    }
+    if failed > 0 {
+        parts.push(format!(
+            "{failed} entrypoint exec refused (runc init exit non-zero)"
+        ));
+    }
+    if ran > 0 {
+        parts.push(format!("{ran} ran"));
+    }
+    parts.join(", ")
+}
+
+/// The proof that `n` starts of a selected pod's containers never ran their entrypoint:
+/// every start stopped, no trace file, one enforcement event per container naming it.
+/// Returns the detail, or an error saying what escaped.
+async fn prove_first_instruction(
+    stack: &Stack,
+    cri: &Cri,
+    pod: &Pod,
+    n: usize,
+    tag: &str,
+) -> Result<String> {
+    let dir = trace_dir(stack, tag)?;
+    let t = Instant::now();
+    let fates = start_tracers(cri, pod, n, tag, &dir).await?;
+    let took = t.elapsed().as_secs_f64();
+    let stopped = fates.iter().filter(|(_, f)| f.stopped()).count();
+    let with_event = |stack: &Stack| {
+        fates
+            .iter()
+            .filter(|(id, _)| !stack.events_about(id).is_empty())
+            .count()
+    };
+    wait_until(secs(10), || with_event(stack) == n).await;
+    let events = with_event(stack);
+    // A killed process is gone before it writes; give a straggler that did run the
+    // time to write its file before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let escaped = traces(&dir);
+    let summary = format!(
+        "{stopped}/{n} starts stopped before the entrypoint ran ({}; {took:.0} s); {escaped}/{n} trace files; {events}/{n} enforcement events",
+        fate_counts(&fates)
+    );
+    if stopped != n || escaped != 0 || events != n {
+        bail!("{summary}");
+    }
+    // Deny (LSM) must be reported as deny; the events name the pod and the binary.
+    for (id, f) in &fates {
+        let ev = &stack.events_about(id)[0];
+        if ev["binary"] != "/bin/busybox" || ev["container"]["pod_name"] != pod.spec.name.as_str() {
+            bail!("{summary}; unexpected event: {ev}");
+        }
+        if matches!(f, Fate::Refused(_) | Fate::Failed(_)) && ev["action"] != "deny" {
+            bail!("{summary}; refused, but the event is not a deny: {ev}");
+        }
+    }
+    Ok(summary)
+}
+
+/// Control for the trace files: an unselected container's entrypoint does write its
+/// file (so "no file" above means "did not run", not "could not write").
+async fn trace_control(stack: &Stack, cri: &mut Cri, tag: &str) -> Result<()> {
+    let dir = trace_dir(stack, tag)?;
+    let pod = cri
+        .run_pod(&PodSpec::new("control", "prod").label("app", "control"))
+        .await?;
+    let id = cri.create_container(&pod, &tracer("control", &dir)).await?;
+    cri.start_container(&id).await?;
+    let wrote = wait_until(secs(10), || traces(&dir) == 1).await;
+    cri.remove_pod(&pod).await?;
+    if !wrote {
+        bail!("control: an unselected container did not write its trace file");
+    }
+    Ok(())
+}
+
+/// A container that runs `/pause` (not busybox) and has the host's busybox bind-mounted
+/// at `/bin/busybox`, plus `dir` at `/trace`: it keeps running in a selected pod, and
+/// an exec of busybox inside it is what the policy must stop.
+fn guard(name: &str, dir: &Path) -> Result<ContainerSpec> {
+    let root = crate::debian::unpacked(&crate::images::BUSYBOX_STATIC)?;
+    let bb = crate::debian::find_file(&root, "busybox")
+        .ok_or_else(|| anyhow::anyhow!("busybox not in busybox-static"))?;
+    Ok(ContainerSpec {
+        name: name.into(),
+        image: PAUSE_IMAGE.into(),
+        command: vec!["/pause".into()],
+        mounts: vec![
+            HostMount {
+                host_path: bb,
+                container_path: "/bin/busybox".into(),
+                readonly: true,
+            },
+            HostMount {
+                host_path: dir.to_path_buf(),
+                container_path: "/trace".into(),
+                readonly: false,
+            },
+        ],
+        ..Default::default()
+    })
+}
+
+/// ExecSync of busybox writing `/trace/<file>` in container `id`: `Ok(how it was
+/// stopped)` when it did not run, `Err` when it ran.
+async fn exec_stopped(cri: &mut Cri, id: &str, dir: &Path, file: &str) -> Result<String> {
+    let script = format!("echo ran > /trace/{file}");
+    let r = cri
+        .exec_sync(
+            id,
+            &["/bin/busybox", "sh", "-c", &script],
+            secs(10).as_secs() as i64,
+        )
+        .await;
+    let ran = dir.join(file).exists();
+    match r {
+        _ if ran => bail!("the exec ran (it wrote /trace/{file}): {r:?}"),
+        Err(e) => Ok(format!("exec refused ({})", e.root_cause())),
+        Ok((137, _)) => Ok("exec killed (exit 137)".into()),
+        // runc exec reports the LSM's EPERM and exits 1; another failure is no proof.
+        Ok((code, out)) if code != 0 && out.contains("operation not permitted") => {
+            Ok(format!("exec refused (exit {code}: {})", out.trim()))
+        }
+        Ok((code, out)) => bail!("the exec exited {code} without writing its file: {out}"),
+    }
+}
+
 type Step<'a> = Pin<Box<dyn Future<Output = Result<String>> + 'a>>;
 
 async fn identity(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
@@ -171,51 +495,332 @@ async fn identity(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
 }
 
 async fn first_instruction(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
+    trace_control(stack, cri, "fi-control").await?;
     let pod = cri
         .run_pod(&PodSpec::new("blocked", "prod").label("app", "blocked"))
         .await?;
-    let id = cri.create_container(&pod, &sleeper("victim")).await?;
-    let how = match cri.start_container(&id).await {
-        // LSM mode: the exec is refused, so the start fails.
-        Err(e) => format!("start refused ({})", e.root_cause()),
-        Ok(()) => {
-            // sigkill mode: the exec happens and is killed before it runs on.
-            let mut exit = None;
-            let deadline = Instant::now() + secs(10);
-            while exit.is_none() && Instant::now() < deadline {
-                let (st, _) = cri.container_status(&id).await?;
-                if st.state == ContainerState::ContainerExited as i32 {
-                    exit = Some(st.exit_code);
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            match exit {
-                Some(137) => "killed at its first exec (exit 137)".to_string(),
-                // LSM mode: runc's init cannot exec the entrypoint (EPERM) and exits
-                // non-zero; the deny event checked below says why.
-                Some(code) if code != 0 => {
-                    format!("its entrypoint exec was refused (runc init exit {code})")
-                }
-                other => bail!("the selected container was not stopped: exit {other:?}"),
-            }
-        }
-    };
-    if !wait_until(secs(10), || !stack.events_about(&id).is_empty()).await {
-        let events = std::fs::read_to_string(stack.events_file()).unwrap_or_default();
-        let tail: Vec<&str> = events.lines().rev().take(3).collect();
-        bail!("{how}, but no enforcement event names the container; last events: {tail:?}");
-    }
-    let ev = stack.events_about(&id)[0].clone();
+    let r = prove_first_instruction(stack, cri, &pod, STARTS, "victim").await;
     cri.remove_pod(&pod).await?;
-    if ev["container"]["pod_name"] != "blocked" || ev["binary"] != "/bin/busybox" {
-        bail!("unexpected event: {ev}");
+    let ev = stack
+        .events_about("\"pod_name\":\"blocked\"")
+        .first()
+        .map(|e| format!("; events {} by {}", e["action"], e["policies"]))
+        .unwrap_or_default();
+    Ok(format!(
+        "{}{ev}; control: an unselected container wrote its trace file",
+        r?
+    ))
+}
+
+async fn audit(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
+    let pod = cri
+        .run_pod(
+            &PodSpec::new("watched", "audit-ns")
+                .label("app", "audited")
+                .label("tier", "backend"),
+        )
+        .await?;
+    let id = cri.create_container(&pod, &sleeper("auditee")).await?;
+    cri.start_container(&id).await?;
+    let seen = wait_until(secs(10), || !stack.events_about(&id).is_empty()).await;
+    let (st, _) = cri.container_status(&id).await?;
+    let events = stack.events_about(&id);
+    cri.remove_pod(&pod).await?;
+    if !seen {
+        bail!("no audit event names the container");
     }
-    if how.contains("refused") && ev["action"] != "deny" {
-        bail!("{how}, but the event is not a deny: {ev}");
+    let ev = &events[0];
+    let c = &ev["container"];
+    let ok = ev["action"] == "audit"
+        && ev["binary"] == "/bin/busybox"
+        && c["pod_namespace"] == "audit-ns"
+        && c["pod_name"] == "watched"
+        && c["pod_labels"]["app"] == "audited"
+        && c["pod_labels"]["tier"] == "backend"
+        && c["container_name"] == "auditee";
+    if !ok {
+        bail!("unexpected audit event: {ev}");
+    }
+    // Audit only reports: the container runs on.
+    if st.state != ContainerState::ContainerRunning as i32 {
+        bail!(
+            "an audited container was stopped (state {}, exit {})",
+            st.state,
+            st.exit_code
+        );
     }
     Ok(format!(
-        "{how}; event {} by {}",
-        ev["action"], ev["policies"]
+        "audit event: namespace {}, pod {}, labels {}, container {}, binary {}; the container runs on",
+        c["pod_namespace"], c["pod_name"], c["pod_labels"], c["container_name"], ev["binary"]
+    ))
+}
+
+/// The hook's own words from a runtime error (`rthooks-oci-hook: refusing …`), else the
+/// whole root cause.
+fn hook_refusal(e: &anyhow::Error) -> String {
+    let msg = e.root_cause().to_string();
+    match msg.find("rthooks-oci-hook:") {
+        Some(i) => {
+            let tail = &msg[i..];
+            tail[..tail.find(" (log:").unwrap_or(tail.len())].replace("\\\"", "\"")
+        }
+        None => msg,
+    }
+}
+
+async fn agent_down(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
+    let dir = trace_dir(stack, "down")?;
+    // A selected container that keeps running; exec'ing busybox in it is denied.
+    let gpod = cri
+        .run_pod(&PodSpec::new("guarded", "prod").label("app", "blocked"))
+        .await?;
+    let gid = cri.create_container(&gpod, &guard("guard", &dir)?).await?;
+    cri.start_container(&gid).await?;
+    if !wait_until(secs(10), || {
+        stack.container(&gid).is_some_and(|c| c["covered"] == true)
+    })
+    .await
+    {
+        bail!("the agent does not list the guard container as covered");
+    }
+    let up = exec_stopped(cri, &gid, &dir, "exec-agent-up")
+        .await
+        .context("precondition, agent up: exec of busybox in the selected container")?;
+
+    stack.stop_agent();
+    let mut facts = vec![format!("agent up: {up}")];
+    let result = async {
+        // Fail closed: an ordinary namespace cannot start a container.
+        let pod = cri
+            .run_pod(&PodSpec::new("refused", "prod").label("app", "web"))
+            .await?;
+        let created = cri.create_container(&pod, &sleeper("web")).await;
+        let refused = match created {
+            Err(e) => format!("CreateContainer failed ({})", hook_refusal(&e)),
+            Ok(id) => match cri.start_container(&id).await {
+                Err(e) => format!("StartContainer failed ({})", hook_refusal(&e)),
+                Ok(()) => bail!("agent down: a container in namespace prod started (fail open)"),
+            },
+        };
+        cri.remove_pod(&pod).await?;
+        facts.push(format!("agent down: prod pod refused: {refused}"));
+        // The allow list: kube-system starts.
+        let pod = cri
+            .run_pod(&PodSpec::new("coredns", "kube-system").label("app", "dns"))
+            .await?;
+        let id = cri.create_container(&pod, &sleeper("dns")).await?;
+        cri.start_container(&id)
+            .await
+            .context("agent down: a kube-system container did not start")?;
+        // Control: ExecSync works in an unselected container meanwhile.
+        let (code, out) = cri
+            .exec_sync(&id, &["/bin/busybox", "true"], secs(10).as_secs() as i64)
+            .await?;
+        cri.remove_pod(&pod).await?;
+        if code != 0 {
+            bail!("control exec in kube-system failed: exit {code}: {out}");
+        }
+        facts.push("kube-system pod started".into());
+        // Pinned programs and maps keep enforcing.
+        let down = exec_stopped(cri, &gid, &dir, "exec-agent-down")
+            .await
+            .context("agent down: exec of busybox in the running selected container")?;
+        facts.push(format!("running selected container: {down}"));
+        Ok(())
+    }
+    .await;
+    let restarted = stack.start_agent().await;
+    result?;
+    restarted?;
+    let remembered = stack.container(&gid).is_some();
+    cri.remove_pod(&gpod).await?;
+    // After the restart a new selected pod is covered again.
+    let pod = cri
+        .run_pod(&PodSpec::new("blocked", "prod").label("app", "blocked"))
+        .await?;
+    let after = prove_first_instruction(stack, cri, &pod, 1, "after-restart").await;
+    cri.remove_pod(&pod).await?;
+    facts.push(format!(
+        "after restart: {}",
+        after.context("new selected pod after the agent restart")?
+    ));
+    facts.push(format!("guard still listed after restart: {remembered}"));
+    Ok(facts.join("; "))
+}
+
+/// What a controller watching the Kubernetes API knows of container `late-<i>`.
+fn late_identity(pod: &Pod, id: &str, i: usize) -> rthooks_api::tetragon::CreateContainer {
+    let labels: serde_json::Map<_, _> = pod
+        .spec
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone().into()))
+        .collect();
+    rthooks_api::tetragon::CreateContainer {
+        cgroups_path: format!("{}/{id}", pod.spec.cgroup_parent()),
+        annotations: [(
+            rthooks_api::POD_LABELS_ANNOTATION.to_string(),
+            serde_json::Value::Object(labels).to_string(),
+        )]
+        .into(),
+        container_name: format!("late-{i}"),
+        container_id: id.into(),
+        pod_name: pod.spec.name.clone(),
+        pod_uid: pod.spec.uid.clone(),
+        pod_namespace: pod.spec.namespace.clone(),
+        container_image: BUSYBOX_IMAGE.into(),
+        ..Default::default()
+    }
+}
+
+/// The identity learned only after the start: what a controller watching the Kubernetes
+/// API would do (CRI says running → report it through the agent's API).
+async fn why_hooks(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
+    let dir = trace_dir(stack, "why-late")?;
+    stack.stop_plugin();
+    let pod = cri
+        .run_pod(&PodSpec::new("blocked", "prod").label("app", "blocked"))
+        .await?;
+    let late = async {
+        let t = Instant::now();
+        let mut ids = Vec::new();
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..STARTS {
+            let (mut cri, p) = (cri.clone(), pod.clone());
+            let spec = tracer(&format!("late-{i}"), &dir);
+            set.spawn(async move {
+                let id = cri.create_container(&p, &spec).await?;
+                cri.start_container(&id).await?;
+                let (st, _) = cri.container_status(&id).await?;
+                Ok::<_, anyhow::Error>((i, id, st.state))
+            });
+            // A controller reports each container as soon as CRI says it runs.
+            while set.len() >= PARALLEL || (i + 1 == STARTS && !set.is_empty()) {
+                let (i, id, state) = set.join_next().await.expect("non-empty")??;
+                if state != ContainerState::ContainerRunning as i32 {
+                    bail!("without hooks a selected container is not running (state {state})");
+                }
+                stack
+                    .report_container(late_identity(&pod, &id, i), "api-watch")
+                    .await?;
+                ids.push(id);
+            }
+        }
+        let took = t.elapsed().as_secs_f64();
+        // The entrypoint writes its file right after its exec: let stragglers finish.
+        wait_until(secs(5), || traces(&dir) == STARTS).await;
+        let escaped = traces(&dir);
+        // The late identity does work, for what comes after: the agent lists the
+        // container (not covered) and a new exec of busybox in it is stopped.
+        let first = &ids[0];
+        let listed = stack.container(first);
+        if listed.as_ref().is_none_or(|c| c["covered"] != false) {
+            bail!("the reported container is not listed as not covered: {listed:?}");
+        }
+        let later = exec_stopped(cri, first, &dir, "later-exec")
+            .await
+            .context("a later exec in a reported container")?;
+        Ok::<_, anyhow::Error>((escaped, format!("{later}; {took:.0} s")))
+    }
+    .await;
+    cri.remove_pod(&pod).await?;
+    let restarted = stack.start_plugin().await;
+    let (escaped, later) = late?;
+    restarted?;
+    let pod = cri
+        .run_pod(&PodSpec::new("blocked", "prod").label("app", "blocked"))
+        .await?;
+    let with = prove_first_instruction(stack, cri, &pod, STARTS, "why-hooked").await;
+    cri.remove_pod(&pod).await?;
+    let with = with.context(format!(
+        "without hooks {escaped}/{STARTS} escaped; with hooks"
+    ))?;
+    Ok(format!(
+        "without hooks {escaped}/{STARTS} escaped (identity reported through the API once CRI said running; afterwards: {later}); with hooks 0/{STARTS}: {with}"
+    ))
+}
+
+async fn base_spec_first_instruction(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
+    trace_control(stack, cri, "bs-control").await?;
+    let pod = cri.run_pod(&PodSpec::new("blocked", "locked")).await?;
+    let r = prove_first_instruction(stack, cri, &pod, 3, "bs-victim").await;
+    cri.remove_pod(&pod).await?;
+    Ok(format!(
+        "{} (namespace policy, hook from the base spec, no NRI); control: an unselected container wrote its trace file",
+        r?
+    ))
+}
+
+async fn base_spec_non_matching(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
+    let dir = trace_dir(stack, "bs-free")?;
+    let pod = cri.run_pod(&PodSpec::new("free", "prod")).await?;
+    let id = cri.create_container(&pod, &tracer("free", &dir)).await?;
+    let spec = cri.container_spec(&id).await;
+    cri.start_container(&id).await?;
+    let wrote = wait_until(secs(10), || traces(&dir) == 1).await;
+    let listed = wait_until(secs(10), || stack.container(&id).is_some()).await;
+    let entry = stack.container(&id);
+    let (st, _) = cri.container_status(&id).await?;
+    let events = stack.events_about(&id);
+    cri.remove_pod(&pod).await?;
+    // The hook must be in the spec from the base spec, not from anywhere else.
+    let hook = std::fs::read_to_string(stack.base_spec_path()).unwrap_or_default();
+    let ours = spec?["hooks"]["createRuntime"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|h| {
+            h["path"]
+                .as_str()
+                .is_some_and(|p| p.ends_with("rthooks-oci-hook") && hook.contains(p))
+        });
+    if !ours {
+        bail!("the container's spec has no createRuntime hook from the base spec");
+    }
+    if !wrote || st.state != ContainerState::ContainerRunning as i32 {
+        bail!(
+            "an unselected container did not run (trace written: {wrote}, state {}, exit {})",
+            st.state,
+            st.exit_code
+        );
+    }
+    if !events.is_empty() {
+        bail!("events for an unselected container: {events:?}");
+    }
+    match entry {
+        Some(c) if listed && c["covered"] == true && c["pod_namespace"] == "prod" => Ok(format!(
+            "unselected pod runs busybox (trace written); hook from the base spec ran (agent: covered, source {})",
+            c["source"]
+        )),
+        other => bail!("the hook from the base spec did not report the container: {other:?}"),
+    }
+}
+
+async fn systemd_cgroup_identity(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
+    let mut spec = PodSpec::new("web", "prod").label("app", "web");
+    spec.systemd = true;
+    let pod = cri.run_pod(&spec).await?;
+    let id = cri.create_container(&pod, &sleeper("nginx")).await?;
+    cri.start_container(&id).await?;
+    let seen = wait_until(secs(10), || stack.container(&id).is_some()).await;
+    let entry = stack.container(&id);
+    cri.remove_pod(&pod).await?;
+    let c = match entry {
+        Some(c) if seen => c,
+        _ => bail!("the agent does not list the container"),
+    };
+    // runc's systemd driver: <slice path>/cri-containerd-<id>.scope.
+    let want = format!("{}/cri-containerd-{id}.scope", pod.spec.cgroup_dir());
+    let ok = c["covered"] == true
+        && c["pod_labels"]["app"] == "web"
+        && c["cgroup_path"].as_str().unwrap_or("").trim_matches('/') == want.trim_matches('/')
+        && c["cgroup_id"] != 0;
+    if !ok {
+        bail!("unexpected agent entry (want cgroup {want}): {c}");
+    }
+    Ok(format!(
+        "systemd driver: covered, cgroup {want} ({})",
+        c["cgroup_id"]
     ))
 }
 
@@ -315,9 +920,19 @@ fn step<'a>(name: &str, stack: &'a mut Stack, cri: &'a mut Cri) -> Step<'a> {
         "nri_identity" => Box::pin(identity(stack, cri)),
         "nri_first_instruction" => Box::pin(first_instruction(stack, cri)),
         "nri_non_matching" => Box::pin(non_matching(stack, cri)),
+        "nri_audit" => Box::pin(audit(stack, cri)),
         "nri_removal" => Box::pin(removal(stack, cri)),
         "nri_runtime_restart" => Box::pin(runtime_restart(stack, cri)),
-        _ => Box::pin(sync_not_covered(stack, cri)),
+        "nri_sync_not_covered" => Box::pin(sync_not_covered(stack, cri)),
+        "why_hooks" => Box::pin(why_hooks(stack, cri)),
+        "nri_agent_down" => Box::pin(agent_down(stack, cri)),
+        "base_spec_first_instruction" => Box::pin(base_spec_first_instruction(stack, cri)),
+        "base_spec_non_matching" => Box::pin(base_spec_non_matching(stack, cri)),
+        "nri_systemd_cgroup_identity" => Box::pin(systemd_cgroup_identity(stack, cri)),
+        other => {
+            let other = other.to_string();
+            Box::pin(async move { bail!("no such scenario: {other}") })
+        }
     }
 }
 
@@ -327,10 +942,12 @@ pub async fn run(results: &Path, bin_dir: &Path, filter: &str, timeout: Duration
     let out = Results {
         file: results.to_path_buf(),
     };
+    // `a|b` chooses scenarios containing a or b (the shell scenarios match none of
+    // such a filter, which is what a run of only these scenarios wants).
     let chosen: Vec<&str> = SCENARIOS
         .iter()
         .copied()
-        .filter(|s| s.contains(filter))
+        .filter(|s| filter.split('|').any(|f| s.contains(f)))
         .collect();
     let plan: Vec<_> = Release::ALL
         .iter()
@@ -344,77 +961,136 @@ pub async fn run(results: &Path, bin_dir: &Path, filter: &str, timeout: Duration
     let uname = uname();
     let mut ok = true;
     for release in Release::ALL {
-        let runtime = runtime_name(release);
-        let setup = if !is_root() {
-            Err(Verdict::skip("needs root"))
-        } else {
-            match Binaries::in_dir(bin_dir) {
-                Err(e) => Err(Verdict::skip(e.to_string())),
-                Ok(bins) => {
-                    match tokio::time::timeout(
-                        timeout,
-                        Stack::start(release, bins, &[("deny-busybox.yaml", POLICY)]),
-                    )
-                    .await
-                    {
-                        Ok(Ok(s)) => Ok(s),
-                        Ok(Err(e)) => Err(Verdict::fail(format!("stack did not start: {e:#}"))),
-                        Err(_) => Err(Verdict::fail("stack did not start in time")),
-                    }
-                }
+        for group in GROUPS {
+            let names: Vec<&str> = chosen
+                .iter()
+                .copied()
+                .filter(|s| group_of(s) == group)
+                .collect();
+            if !names.is_empty() {
+                ok &= run_group(&out, release, group, &names, bin_dir, timeout, &uname).await?;
             }
-        };
-        let (mut stack, mode, why) = match setup {
-            Ok(s) => {
-                let status = s.status().unwrap_or_default();
-                let mode = status["enforcement_mode"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string();
-                let why = status["enforcement_reason"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string();
-                (Some(s), mode, why)
-            }
-            Err(v) => {
-                for s in &chosen {
-                    ok &= v.result != "fail";
-                    out.append(line(s, runtime, &v, 0.0, "", &uname))?;
-                }
-                continue;
-            }
-        };
-        let stack_ref = stack.as_mut().unwrap();
-        let mut cri = stack_ref.containerd.cri().await?;
-        for s in &chosen {
-            let t = Instant::now();
-            let v = match tokio::time::timeout(timeout, step(s, stack_ref, &mut cri)).await {
-                // The agent's reason for its mode, once per release, for the matrix.
-                Ok(Ok(detail)) if *s == chosen[0] && !why.is_empty() => {
-                    Verdict::pass(format!("{detail} (agent: {mode}, {why})"))
-                }
-                Ok(Ok(detail)) => Verdict::pass(detail),
-                Ok(Err(e)) => Verdict::fail(format!("{e:#}")),
-                Err(_) => Verdict::fail(format!("timed out after {timeout:?}")),
-            };
-            ok &= v.result != "fail";
-            eprintln!(
-                "e2e guest: {s} ({runtime}) -> {} {}{}",
-                v.result, v.reason, v.detail
-            );
-            out.append(line(
-                s,
-                runtime,
-                &v,
-                t.elapsed().as_secs_f64(),
-                &mode,
-                &uname,
-            ))?;
         }
-        let _ = cri.remove_all_pods().await;
-        drop(stack.take());
     }
+    Ok(ok)
+}
+
+/// The stack a group needs: its policies, containerd options and hook path.
+async fn start_group(release: Release, group: Group, bins: Binaries) -> Result<Stack> {
+    match group {
+        Group::Nri => {
+            Stack::start(
+                release,
+                bins,
+                &[("deny-busybox.yaml", POLICY), ("audit.yaml", AUDIT_POLICY)],
+            )
+            .await
+        }
+        Group::BaseSpec => {
+            Stack::start_with(
+                Options::new(release),
+                HookPath::BaseSpec,
+                bins,
+                &[("deny-locked.yaml", NAMESPACE_POLICY)],
+            )
+            .await
+        }
+        Group::Systemd => {
+            let mut o = Options::new(release);
+            o.systemd_cgroup = true;
+            Stack::start_with(o, HookPath::Nri, bins, &[("deny-busybox.yaml", POLICY)]).await
+        }
+    }
+}
+
+/// Starts the group's stack, runs `names` on it, appends their lines; whether none failed.
+async fn run_group(
+    out: &Results,
+    release: Release,
+    group: Group,
+    names: &[&str],
+    bin_dir: &Path,
+    timeout: Duration,
+    uname: &str,
+) -> Result<bool> {
+    let runtime = runtime_name(release);
+    let setup = if !is_root() {
+        Err(Verdict::skip("needs root"))
+    } else if group == Group::Systemd && !Path::new(SYSTEMD_MARKER).exists() {
+        Err(Verdict::skip(format!(
+            "needs systemd (runc's systemd cgroup driver asks it over D-Bus to create the \
+             scopes): {SYSTEMD_MARKER} is absent, this guest has no systemd"
+        )))
+    } else {
+        match Binaries::in_dir(bin_dir) {
+            Err(e) => Err(Verdict::skip(e.to_string())),
+            Ok(bins) => {
+                match tokio::time::timeout(timeout, start_group(release, group, bins)).await {
+                    Ok(Ok(s)) => Ok(s),
+                    Ok(Err(e)) => Err(Verdict::fail(format!("stack did not start: {e:#}"))),
+                    Err(_) => Err(Verdict::fail("stack did not start in time")),
+                }
+            }
+        }
+    };
+    let mut stack = match setup {
+        Ok(s) => s,
+        Err(v) => {
+            for s in names {
+                out.append(line(s, runtime, &v, 0.0, "", uname))?;
+            }
+            return Ok(v.result != "fail");
+        }
+    };
+    let status = stack.status().unwrap_or_default();
+    let mode = status["enforcement_mode"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let why = status["enforcement_reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let mut cri = stack.containerd.cri().await?;
+    let mut ok = true;
+    for s in names {
+        let t = Instant::now();
+        let v = match tokio::time::timeout(timeout, step(s, &mut stack, &mut cri)).await {
+            // The agent's reason for its mode, once per stack, for the matrix.
+            Ok(Ok(detail)) if *s == names[0] && !why.is_empty() => {
+                Verdict::pass(format!("{detail} (agent: {mode}, {why})"))
+            }
+            Ok(Ok(detail)) => Verdict::pass(detail),
+            Ok(Err(e)) => Verdict::fail(format!("{e:#}")),
+            Err(_) => Verdict::fail(format!("timed out after {timeout:?}")),
+        };
+        ok &= v.result != "fail";
+        eprintln!(
+            "e2e guest: {s} ({runtime}) -> {} {}{}",
+            v.result, v.reason, v.detail
+        );
+        out.append(line(
+            s,
+            runtime,
+            &v,
+            t.elapsed().as_secs_f64(),
+            &mode,
+            uname,
+        ))?;
+        // A failed or timed-out scenario may have left pods, or the agent or plugin
+        // stopped: the next scenario starts from the stack as the group set it up.
+        if v.result != "pass" {
+            let _ = cri.remove_all_pods().await;
+            if stack.agent.as_mut().is_none_or(|a| !a.running()) {
+                let _ = stack.start_agent().await;
+            }
+            if group != Group::BaseSpec && stack.plugin.is_none() {
+                let _ = stack.start_plugin().await;
+            }
+        }
+    }
+    let _ = cri.remove_all_pods().await;
+    drop(stack);
     Ok(ok)
 }
 

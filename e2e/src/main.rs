@@ -38,7 +38,7 @@ enum Cmd {
         /// (default: this binary's directory).
         #[arg(long, env = "RTHOOKS_BIN_DIR")]
         bin_dir: Option<PathBuf>,
-        /// Only scenarios whose name contains this.
+        /// Only scenarios whose name contains this (alternatives separated by `|`).
         #[arg(long, env = "RTHOOKS_SCENARIO_FILTER", default_value = "")]
         filter: String,
         /// Per-scenario timeout in seconds.

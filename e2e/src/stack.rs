@@ -9,7 +9,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::containerd::{Containerd, Release};
+use crate::containerd::{Containerd, Options, Release};
+
+/// How the hook gets into containers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookPath {
+    /// `rthooks-nri-hook` injects it (NRI on).
+    Nri,
+    /// containerd's `base_runtime_spec` carries it, as `rthooks-oci-hook install
+    /// containerd-base-spec` sets up; NRI off, no plugin.
+    BaseSpec,
+}
 
 /// Paths of the rthooks binaries.
 #[derive(Clone, Debug)]
@@ -132,7 +142,18 @@ impl Stack {
         bins: Binaries,
         policies: &[(&str, &str)],
     ) -> Result<Self> {
-        let containerd = Containerd::start(release).await?;
+        Self::start_with(Options::new(release), HookPath::Nri, bins, policies).await
+    }
+
+    /// Like [`Stack::start`], with containerd `options` and the hook put in by `path`.
+    pub async fn start_with(
+        mut options: Options,
+        path: HookPath,
+        bins: Binaries,
+        policies: &[(&str, &str)],
+    ) -> Result<Self> {
+        options.nri = path == HookPath::Nri;
+        let containerd = Containerd::prepare(options).await?;
         let base =
             std::env::var_os("RTHOOKS_TMP").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
         let dir = tempfile::Builder::new().prefix("rths-").tempdir_in(base)?;
@@ -155,9 +176,61 @@ impl Stack {
             pin_dir,
             containerd,
         };
+        if path == HookPath::BaseSpec {
+            stack.install_base_spec()?;
+        }
+        stack.containerd.launch().await?;
         stack.start_agent().await?;
-        stack.start_plugin().await?;
+        if path == HookPath::Nri {
+            stack.start_plugin().await?;
+        }
         Ok(stack)
+    }
+
+    /// The hook's arguments after the stage: our agent and a log in the scratch dir.
+    fn hook_flags(&self) -> [String; 2] {
+        [
+            format!("--grpc-address={}", self.address),
+            format!("--log-fname={}", self.dir.path().join("hook.log").display()),
+        ]
+    }
+
+    /// The base spec that `install_base_spec` wrote.
+    pub fn base_spec_path(&self) -> PathBuf {
+        self.dir.path().join("base-spec.json")
+    }
+
+    /// Runs the real installer (`rthooks-oci-hook install containerd-base-spec`) against
+    /// the prepared, not yet running containerd's config: the spec comes from that
+    /// release's `ctr oci spec`, the hook is copied into the scratch dir.
+    fn install_base_spec(&self) -> Result<()> {
+        let d = self.dir.path();
+        let mut cmd = Command::new(&self.bins.hook);
+        cmd.args(["install", "containerd-base-spec", "--install-dir"])
+            .arg(d.join("opt"))
+            .arg("--binary")
+            .arg(&self.bins.hook)
+            .arg("--state-dir")
+            .arg(d.join("install-state"))
+            .arg("--containerd-config")
+            .arg(self.containerd.config_path())
+            .arg("--base-spec")
+            .arg(self.base_spec_path())
+            .arg("--ctr")
+            .arg(&self.containerd.bins.ctr);
+        for f in self.hook_flags() {
+            cmd.arg(format!("--hook-arg={f}"));
+        }
+        let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+        if !out.status.success() {
+            bail!(
+                "install containerd-base-spec failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// The events file the agent writes (JSON lines).
@@ -203,11 +276,8 @@ impl Stack {
     /// Starts the NRI plugin and waits for its registration.
     pub async fn start_plugin(&mut self) -> Result<()> {
         let d = self.dir.path();
-        let hook_args = format!(
-            "rthooks-oci-hook,createRuntime,--grpc-address={},--log-fname={}",
-            self.address,
-            d.join("hook.log").display()
-        );
+        let [addr, log] = self.hook_flags();
+        let hook_args = format!("rthooks-oci-hook,createRuntime,{addr},{log}");
         let proc = Proc::spawn(
             Command::new(&self.bins.nri)
                 .arg("--socket")
@@ -274,6 +344,32 @@ impl Stack {
             return None;
         }
         serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Tells the agent about a container through its `rthooks.v1` API (`ReportContainer`,
+    /// `hook_ran = false`), as an integration that learns identities from the Kubernetes
+    /// API after the start would.
+    pub async fn report_container(
+        &self,
+        container: rthooks_api::tetragon::CreateContainer,
+        source: &str,
+    ) -> Result<()> {
+        let channel =
+            rthooks_api::client::connect_unix(&self.address, Duration::from_secs(5)).await?;
+        rthooks_api::v1::agent_client::AgentClient::new(channel)
+            .report_container(rthooks_api::v1::ReportContainerRequest {
+                container: Some(container),
+                source: source.into(),
+                hook_ran: false,
+            })
+            .await
+            .context("ReportContainer")?;
+        Ok(())
+    }
+
+    /// The hook's log (what it did per container, and why it failed).
+    pub fn hook_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("hook.log")).unwrap_or_default()
     }
 
     /// Enforcement events so far that mention `needle` (e.g. a container id).
