@@ -8,8 +8,10 @@
 //! [`identity`] (annotations), [`config`] (flags, env, file), [`policy`] (failure rule),
 //! [`log`] (rotated JSON log), [`agent`] (the agent's methods), [`grpc`] and [`hpack`]
 //! (a one-call HTTP/2 gRPC client), [`hook`] (one invocation),
-//! [`install`] (hooks.d, containerd base spec, containerd NRI).
+//! [`install`] (hooks.d, containerd base spec, containerd NRI), [`alloc`] (the binary's
+//! allocator).
 pub mod agent;
+pub mod alloc;
 pub mod cgroup;
 pub mod config;
 pub mod error;
