@@ -92,6 +92,7 @@ fn test(extra: &[String], e2e: bool) -> Result<()> {
             bin_dir: None,
             crio_dir: None,
             runner: vm::RunnerKind::Qemu,
+            jobs: 1,
             update_readme: false,
             command: None,
         })

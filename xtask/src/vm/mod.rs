@@ -84,6 +84,10 @@ pub struct E2eArgs {
     /// Both run the same suite and write the same matrix.
     #[arg(long, value_enum, default_value_t = RunnerKind::Qemu)]
     pub runner: RunnerKind,
+    /// Guests booted at once. Each TCG guest keeps one host core busy, so more than the
+    /// host's cores only makes each slower (and its waits likelier to run out).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub jobs: u32,
     /// Also write the matrix (both tables, every failure and skip with its reason) into
     /// the README's "e2e matrix" section, failures included: that is what users read.
     #[arg(long)]
@@ -296,8 +300,15 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
     )?;
     let mut rows = Vec::new();
     let mut summary = Vec::new();
-    for p in &prepared {
-        let (r, line, _) = run_kernel(p, args, accel, &qemu_bin, &out_dir)?;
+    if args.runner == RunnerKind::Vng {
+        // Installed once here, not by each guest thread at the same time.
+        vng::ensure()?;
+    }
+    let runs = in_parallel(&prepared, args.jobs, |p| {
+        run_kernel(p, args, accel, &qemu_bin, &out_dir)
+    });
+    for run in runs {
+        let (r, line, _) = run?;
         rows.extend(r);
         summary.push(line);
     }
@@ -353,6 +364,27 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// `f` over `items` on up to `jobs` threads; results in the order of `items`.
+fn in_parallel<T: Sync, R: Send>(items: &[T], jobs: u32, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..(jobs as usize).clamp(1, items.len().max(1)) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                let r = f(item);
+                *results[i].lock().unwrap() = Some(r);
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|m| m.into_inner().unwrap().expect("every item ran"))
+        .collect()
 }
 
 fn run_kernel(
@@ -461,6 +493,7 @@ pub fn demo() -> Result<()> {
         bin_dir: None,
         crio_dir: None,
         runner: RunnerKind::Qemu,
+        jobs: 1,
         update_readme: false,
         command: None,
     };
@@ -614,6 +647,7 @@ mod tests {
             bin_dir: Some("/b".into()),
             crio_dir: None,
             runner: RunnerKind::Qemu,
+            jobs: 1,
             update_readme: false,
             command: None,
         };
@@ -630,5 +664,23 @@ mod tests {
         };
         let s = job_script("6.12", &demo, qemu::Accel::Tcg);
         assert_eq!(s.lines().last().unwrap(), "exec /b/rthooks-e2e demo");
+    }
+
+    #[test]
+    fn in_parallel_keeps_the_order_and_bounds_the_threads() {
+        let running = std::sync::atomic::AtomicUsize::new(0);
+        let most = std::sync::atomic::AtomicUsize::new(0);
+        let items: Vec<u64> = (0..7).collect();
+        let out = in_parallel(&items, 2, |&i| {
+            let now = running.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            most.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+            // Later items finish first: the order must come from the input, not completion.
+            std::thread::sleep(Duration::from_millis(20 * (7 - i)));
+            running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            i * 10
+        });
+        assert_eq!(out, vec![0, 10, 20, 30, 40, 50, 60]);
+        assert!(most.load(std::sync::atomic::Ordering::SeqCst) <= 2);
+        assert_eq!(in_parallel(&items[..0], 3, |&i| i), Vec::<u64>::new());
     }
 }
