@@ -56,6 +56,7 @@ hk_setup() {
     cp "$W/rootfs/bin/busybox" "$W/rootfs/bin/busybox-ok"
     for b in sh sleep cat echo true; do ln -s busybox "$W/rootfs/bin/$b"; done
     HK_CGROUP=rthooks-e2e-hook-$2-$1
+    AGENT_PIN=/sys/fs/bpf/$HK_CGROUP
     HK_SOCK=unix://$W/agent/agent.sock
     HK_HOOK_ARGS=("--grpc-address=$HK_SOCK" "--log-fname=$W/hook.log"
         "--config-file=/nonexistent/rthooks-oci-hook.json")
