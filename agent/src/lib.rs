@@ -155,8 +155,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 pub fn init_logging(format: config::LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal: redirected to a file or a journal
+    // they make the log unreadable and ungreppable.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         config::LogFormat::Json => builder.json().init(),

@@ -27,6 +27,8 @@ agent_starts() {
     why=$(printf '%s' "$status" | jq -r '.enforcement_reason // ""')
     kill "$pid"
     wait "$pid" 2>/dev/null
+    # Its pinned programs would otherwise keep enforcing for the rest of the guest.
+    "$agent" --unpin --bpf-pin-dir /sys/fs/bpf/rthooks-e2e || echo "agent_starts: unpinning failed"
     mode "$m"
     case $m in
     lsm) lsm_has_bpf || fail "the agent claims LSM mode but bpf is not an active LSM" "$why" ;;
