@@ -561,7 +561,7 @@ pub(crate) fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-/// The script the guest init runs (chrooted into the host root), from the results share.
+/// The script the guest init runs (after `switch_root` into the host root), from the results share.
 fn job_script(kernel: &str, args: &E2eArgs, accel: qemu::Accel) -> String {
     let ws = workspace_root();
     let vars = [
