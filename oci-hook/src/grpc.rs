@@ -458,6 +458,7 @@ pub fn unary(
 
     // Send what the initial windows allow now; the rest as the agent opens them.
     let (mut conn_window, mut stream_window) = (DEFAULT_WINDOW, DEFAULT_WINDOW);
+    let mut peer_initial_window = DEFAULT_WINDOW;
     let mut sent = 0usize;
     let mut send_more = |out: &mut Vec<u8>, cw: &mut i64, sw: &mut i64| {
         while sent < body.len() {
@@ -514,8 +515,10 @@ pub fn unary(
                     let key = u16::from_be_bytes([s[0], s[1]]);
                     let val = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
                     if key == SETTINGS_INITIAL_WINDOW_SIZE {
-                        // Applies to open streams as a delta (RFC 9113 §6.9.2).
-                        stream_window += i64::from(val) - DEFAULT_WINDOW;
+                        // Applies to open streams as a delta from the previous value
+                        // (RFC 9113 §6.9.2).
+                        stream_window += i64::from(val) - peer_initial_window;
+                        peer_initial_window = i64::from(val);
                     }
                 }
                 let mut ack = Vec::with_capacity(9);
