@@ -250,13 +250,16 @@ enum Fate {
     Killed,
     /// Exited with another non-zero code (LSM: runc init's exec got EPERM).
     Failed(i32),
-    /// Exited 0, or still running when we stopped looking: the entrypoint ran.
-    Ran,
+    /// Exited 0: the entrypoint ran.
+    Exited0,
+    /// Still running when we stopped looking (the trace file says whether it ran; a
+    /// killed container can also look like this when containerd lags under load).
+    Running,
 }
 
 impl Fate {
     fn stopped(&self) -> bool {
-        *self != Fate::Ran
+        !matches!(self, Fate::Exited0 | Fate::Running)
     }
 }
 
@@ -271,13 +274,13 @@ async fn start_fate(cri: &mut Cri, id: &str) -> Result<Fate> {
         if st.state == ContainerState::ContainerExited as i32 {
             return Ok(match st.exit_code {
                 137 => Fate::Killed,
-                0 => Fate::Ran,
+                0 => Fate::Exited0,
                 c => Fate::Failed(c),
             });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(Fate::Ran)
+    Ok(Fate::Running)
 }
 
 /// Creates `n` tracer containers `<prefix>-<i>` in `pod` and starts them, [`PARALLEL`]
@@ -313,7 +316,7 @@ async fn start_tracers(
 
 /// "lsm: 20 refused" style summary of fates.
 fn fate_counts(fates: &[(String, Fate)]) -> String {
-    let (mut refused, mut killed, mut failed, mut ran) = (0, 0, 0, 0);
+    let (mut refused, mut killed, mut failed, mut ran, mut running) = (0, 0, 0, 0, 0);
     let mut why = String::new();
     for (_, f) in fates {
         match f {
@@ -323,7 +326,8 @@ fn fate_counts(fates: &[(String, Fate)]) -> String {
             }
             Fate::Killed => killed += 1,
             Fate::Failed(_) => failed += 1,
-            Fate::Ran => ran += 1,
+            Fate::Exited0 => ran += 1,
+            Fate::Running => running += 1,
         }
     }
     let mut parts = Vec::new();
@@ -339,7 +343,10 @@ fn fate_counts(fates: &[(String, Fate)]) -> String {
         ));
     }
     if ran > 0 {
-        parts.push(format!("{ran} ran"));
+        parts.push(format!("{ran} exited 0"));
+    }
+    if running > 0 {
+        parts.push(format!("{running} still running after {:?}", secs(10)));
     }
     parts.join(", ")
 }
@@ -376,7 +383,23 @@ async fn prove_first_instruction(
         fate_counts(&fates)
     );
     if stopped != n || escaped != 0 || events != n {
-        bail!("{summary}");
+        // Name the containers that escaped or were not reported, to find them in the
+        // logs kept for failed scenarios.
+        let odd: Vec<String> = fates
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (id, f))| {
+                let wrote = dir.join(format!("{tag}-{i}")).exists();
+                let event = !stack.events_about(id).is_empty();
+                (wrote || !event || !f.stopped()).then(|| {
+                    format!(
+                        "{tag}-{i} {} {f:?} trace={wrote} event={event}",
+                        &id[..12.min(id.len())]
+                    )
+                })
+            })
+            .collect();
+        bail!("{summary}; {}", odd.join(", "));
     }
     // Deny (LSM) must be reported as deny; the events name the pod and the binary.
     for (id, f) in &fates {
@@ -975,6 +998,23 @@ pub async fn run(results: &Path, bin_dir: &Path, filter: &str, timeout: Duration
     Ok(ok)
 }
 
+/// Copies the stack's logs (agent, hook, plugin, events, containerd) next to the
+/// results, `logs/e2e-<scenario>-<runtime>/`: the stack's directory goes with it.
+fn keep_logs(out: &Results, stack: &Stack, scenario: &str, runtime: &str) {
+    let Some(dir) = out.file.parent() else {
+        return;
+    };
+    let dest = dir.join("logs").join(format!("e2e-{scenario}-{runtime}"));
+    if std::fs::create_dir_all(&dest).is_err() {
+        return;
+    }
+    let d = stack.dir.path();
+    for f in ["agent.log", "hook.log", "nri-hook.log", "events.jsonl"] {
+        let _ = std::fs::copy(d.join(f), dest.join(f));
+    }
+    let _ = std::fs::copy(stack.containerd.log_path(), dest.join("containerd.log"));
+}
+
 /// The stack a group needs: its policies, containerd options and hook path.
 async fn start_group(release: Release, group: Group, bins: Binaries) -> Result<Stack> {
     match group {
@@ -1077,6 +1117,9 @@ async fn run_group(
             &mode,
             uname,
         ))?;
+        if v.result == "fail" {
+            keep_logs(out, &stack, s, runtime);
+        }
         // A failed or timed-out scenario may have left pods, or the agent or plugin
         // stopped: the next scenario starts from the stack as the group set it up.
         if v.result != "pass" {
