@@ -33,6 +33,7 @@ pub fn ensure() -> Result<()> {
     apt_packages()?;
     rust_src()?;
     bpf_linker()?;
+    musl_target();
     Ok(())
 }
 
@@ -59,6 +60,35 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
         .args(["install", "-y", "-q"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// The deployed hook is built for musl: glibc's start-up alone (CPU feature probing
+/// with `cpuid`, which traps under virtualisation) costs the hook ~1 ms per container
+/// (oci-hook/README.md, "Performance"). Optional: without it `cargo xtask build` builds
+/// the glibc hook and says so; nothing else needs it.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+pub fn musl_target_installed() -> bool {
+    output(Command::new("rustc").args(["--print", "target-libdir", "--target", MUSL_TARGET]))
+        .is_some_and(|dir| {
+            Path::new(dir.trim()).join("libstd.rlib").exists() || {
+                std::fs::read_dir(dir.trim()).is_ok_and(|mut d| {
+                    d.any(|e| {
+                        e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("libstd-"))
+                    })
+                })
+            }
+        })
+}
+
+fn musl_target() {
+    if musl_target_installed() {
+        return;
+    }
+    eprintln!("setup: adding the {MUSL_TARGET} target (for the deployed OCI hook)");
+    if let Err(e) = run(Command::new("rustup").args(["target", "add", MUSL_TARGET])) {
+        eprintln!("setup: warning: {e:#}; the hook will be built for glibc (slower start-up)");
+    }
 }
 
 fn nightly_sysroot() -> Result<PathBuf> {

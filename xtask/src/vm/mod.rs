@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::util::{cache_dir, workspace_root};
+use crate::util::{cache_dir, target_dir, workspace_root};
 use fetch::{Apt, FetchStats};
 use kernels::{Config, Kernel};
 
@@ -252,19 +252,6 @@ pub fn prepare(
 
 pub fn userland_dir(name: &str) -> PathBuf {
     cache_dir().join("userland").join(name)
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|p| {
-            if p.is_absolute() {
-                p
-            } else {
-                workspace_root().join(p)
-            }
-        })
-        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// `cargo xtask e2e`.
