@@ -539,3 +539,22 @@ fn symlinked_config_stays_a_symlink() {
         .is_symlink());
     assert_eq!(std::fs::read(&real).unwrap(), original);
 }
+
+/// deploy/hooks.d/rthooks.json is documented as exactly what `install hooks-d` writes with
+/// its defaults: keep it so.
+#[test]
+fn the_sample_hooks_d_file_in_deploy_is_what_the_installer_writes_by_default() {
+    let sample = include_str!("../../deploy/hooks.d/rthooks.json");
+    let doc = rthooks_oci_hook::install::hooks_d_json(
+        std::path::Path::new("/opt/rthooks/rthooks-oci-hook"),
+        &["rthooks-oci-hook".to_string(), "createRuntime".to_string()],
+        5,
+        "createRuntime",
+    );
+    let mut text = serde_json::to_string_pretty(&doc).unwrap();
+    text.push('\n');
+    assert_eq!(
+        sample, text,
+        "deploy/hooks.d/rthooks.json drifted from the installer"
+    );
+}
