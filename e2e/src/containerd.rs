@@ -284,9 +284,13 @@ impl Containerd {
   plugin_path = "{d}/nri-plugins"
   plugin_config_path = "{d}/nri-conf"
   plugin_registration_timeout = "5s"
-  plugin_request_timeout = "2s"
+  plugin_request_timeout = "{request_timeout}s"
 "#,
-            disable = !self.options.nri
+            disable = !self.options.nri,
+            // NRI fails open: a plugin that answers CreateContainer late is dropped and the
+            // container is created without its adjustment (no hook). 2 s on a node; a TCG
+            // guest is an order of magnitude slower, so the deadline stretches like ours.
+            request_timeout = crate::guest::secs(2).as_secs()
         );
         let common = format!(
             r#"root = "{d}/root"

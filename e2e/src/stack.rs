@@ -187,11 +187,14 @@ impl Stack {
         Ok(stack)
     }
 
-    /// The hook's arguments after the stage: our agent and a log in the scratch dir.
-    fn hook_flags(&self) -> [String; 2] {
+    /// The hook's arguments after the stage: our agent, a log in the scratch dir, and the
+    /// default 2 s deadline stretched like every wait here: a TCG guest is an order of
+    /// magnitude slower than a node, and a late answer fails the container closed.
+    fn hook_flags(&self) -> [String; 3] {
         [
             format!("--grpc-address={}", self.address),
             format!("--log-fname={}", self.dir.path().join("hook.log").display()),
+            format!("--grpc-timeout={}s", crate::guest::secs(2).as_secs()),
         ]
     }
 
@@ -217,7 +220,9 @@ impl Stack {
             .arg("--base-spec")
             .arg(self.base_spec_path())
             .arg("--ctr")
-            .arg(&self.containerd.bins.ctr);
+            .arg(&self.containerd.bins.ctr)
+            .arg("--hook-timeout")
+            .arg(crate::guest::secs(5).as_secs().to_string());
         for f in self.hook_flags() {
             cmd.arg(format!("--hook-arg={f}"));
         }
@@ -276,8 +281,8 @@ impl Stack {
     /// Starts the NRI plugin and waits for its registration.
     pub async fn start_plugin(&mut self) -> Result<()> {
         let d = self.dir.path();
-        let [addr, log] = self.hook_flags();
-        let hook_args = format!("rthooks-oci-hook,createRuntime,{addr},{log}");
+        let [addr, log, deadline] = self.hook_flags();
+        let hook_args = format!("rthooks-oci-hook,createRuntime,{addr},{log},{deadline}");
         let proc = Proc::spawn(
             Command::new(&self.bins.nri)
                 .arg("--socket")
@@ -286,6 +291,8 @@ impl Stack {
                 .arg(&self.bins.hook)
                 .arg("--hook-args")
                 .arg(hook_args)
+                .arg("--hook-timeout")
+                .arg(crate::guest::secs(5).as_secs().to_string())
                 .arg("--agent-address")
                 .arg(&self.address),
             d.join("nri-hook.log"),
