@@ -26,32 +26,13 @@ use crate::images::{BUSYBOX_IMAGE, PAUSE_IMAGE};
 use crate::k8s_cri::v1::ContainerState;
 use crate::stack::{wait_until, Binaries, HookPath, Stack};
 
-/// Pods labelled app=blocked may not run busybox; every container of this suite runs
+/// Pods labelled app=blocked may not run busybox (shared with the shell scenarios in
+/// vm/guest/scenarios/40-hook.sh); every container of this suite runs
 /// `/bin/sleep` or `/bin/sh`, busybox links, as its first instruction.
-pub const POLICY: &str = "apiVersion: rthooks.io/v1alpha1
-kind: RuntimePolicy
-metadata:
-  name: deny-busybox-blocked
-spec:
-  podSelector:
-    matchLabels: {app: blocked}
-  rules:
-    - binaries: [/bin/busybox]
-      action: Deny
-";
+pub const POLICY: &str = include_str!("../../vm/guest/policies/deny-busybox-blocked.yaml");
 
 /// Pods labelled app=audited are watched, not stopped.
-pub const AUDIT_POLICY: &str = "apiVersion: rthooks.io/v1alpha1
-kind: RuntimePolicy
-metadata:
-  name: audit-busybox-audited
-spec:
-  podSelector:
-    matchLabels: {app: audited}
-  rules:
-    - binaries: [/bin/busybox]
-      action: Audit
-";
+pub const AUDIT_POLICY: &str = include_str!("../../vm/guest/policies/audit-busybox-audited.yaml");
 
 /// The base-spec path has no NRI plugin, so no pod labels reach the hook (without a
 /// Kubernetes API the agent only knows what the hook forwards): select by namespace.

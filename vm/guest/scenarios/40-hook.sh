@@ -12,28 +12,9 @@
 # APPLET ...`). /shared is a directory of the scenario bind-mounted into every container,
 # so a container's first line leaves a file there.
 
-HK_DENY='apiVersion: rthooks.io/v1alpha1
-kind: RuntimePolicy
-metadata:
-  name: deny-busybox-blocked
-spec:
-  podSelector:
-    matchLabels: {app: blocked}
-  rules:
-    - binaries: [/bin/busybox]
-      action: Deny
-'
-HK_AUDIT='apiVersion: rthooks.io/v1alpha1
-kind: RuntimePolicy
-metadata:
-  name: audit-busybox-audited
-spec:
-  podSelector:
-    matchLabels: {app: audited}
-  rules:
-    - binaries: [/bin/busybox]
-      action: Audit
-'
+HK_POLICIES=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../policies
+HK_DENY=$(cat "$HK_POLICIES/deny-busybox-blocked.yaml")
+HK_AUDIT=$(cat "$HK_POLICIES/audit-busybox-audited.yaml")
 
 # hk_setup RUNTIME TOPIC POLICY_YAML: the stack for one scenario, everything under
 # W=/tmp/hook-TOPIC-RUNTIME; cleaned up on exit (containers, agent, pins, cgroups).
