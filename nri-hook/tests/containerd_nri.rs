@@ -217,6 +217,7 @@ fn sleeper(name: &str) -> ContainerSpec {
         image: BUSYBOX_IMAGE.into(),
         command: vec!["/bin/sleep".into(), "600".into()],
         annotations: HashMap::new(),
+        ..Default::default()
     }
 }
 
