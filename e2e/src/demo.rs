@@ -9,23 +9,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 use crate::containerd::Release;
-use crate::cri::{ContainerSpec, PodSpec};
-use crate::guest::{secs, POLICY};
-use crate::images::BUSYBOX_IMAGE;
+use crate::cri::PodSpec;
+use crate::guest::{secs, sleeper, POLICY};
 use crate::k8s_cri::v1::ContainerState;
 use crate::stack::{wait_until, Binaries, Stack};
 
 fn say(s: &str) {
     println!("demo: {s}");
-}
-
-fn sleeper(name: &str) -> ContainerSpec {
-    ContainerSpec {
-        name: name.into(),
-        image: BUSYBOX_IMAGE.into(),
-        command: vec!["/bin/sleep".into(), "600".into()],
-        ..Default::default()
-    }
 }
 
 /// Runs the demo; fails when the stack does not behave as narrated.

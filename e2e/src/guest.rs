@@ -180,7 +180,8 @@ impl Results {
     }
 }
 
-fn sleeper(name: &str) -> ContainerSpec {
+/// A busybox container whose first instruction is `/bin/sleep 600` (a busybox link).
+pub(crate) fn sleeper(name: &str) -> ContainerSpec {
     ContainerSpec {
         name: name.into(),
         image: BUSYBOX_IMAGE.into(),
