@@ -202,7 +202,8 @@ impl Apt {
     }
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+/// Runs `cmd`; on failure the error holds its status and output.
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(

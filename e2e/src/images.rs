@@ -7,9 +7,9 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-use crate::debian::{self, FileLock, Package};
+use crate::debian::{self, run, FileLock, Package};
 
 /// The sandbox image name the containerd configs pin.
 pub const PAUSE_IMAGE: &str = "localhost/pause:1";
@@ -39,19 +39,6 @@ int main(void) {
 const APPLETS: &[&str] = &[
     "sh", "sleep", "cat", "echo", "ls", "true", "false", "id", "env", "touch", "wget", "nc",
 ];
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
 
 /// Packs `rootfs_files` (path inside the image → host file, or a symlink target with
 /// `link:`) into an OCI layout tarball `out` with tag `1`.

@@ -226,16 +226,7 @@ impl Stack {
         for f in self.hook_flags() {
             cmd.arg(format!("--hook-arg={f}"));
         }
-        let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-        if !out.status.success() {
-            bail!(
-                "install containerd-base-spec failed ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        crate::debian::run(&mut cmd).context("install containerd-base-spec")
     }
 
     /// The events file the agent writes (JSON lines).
