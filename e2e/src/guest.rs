@@ -265,37 +265,63 @@ async fn start_fate(cri: &mut Cri, id: &str) -> Result<Fate> {
     Ok(Fate::Running)
 }
 
-/// containerd 1.7 sometimes gives runc pid 0 for the sandbox whose namespaces a new
-/// container joins ("namespace path: lstat /proc/0/ns/ipc", containerd issue 9160, open
-/// upstream; seen here only on 5.10 guests under load). runc fails before any hook
-/// runs, so nothing of the container exists: neither an escape nor a proof.
-fn sandbox_pid_lost(error: &str) -> bool {
-    error.contains("/proc/0/ns/")
+/// Starts that failed inside containerd before any process of the container existed, so
+/// before any hook ran: neither an escape nor a proof. Both were seen only with containerd
+/// 1.7.24 on 5.10 guests under load. Says what happened, for the detail.
+fn start_lost_by_runtime(error: &str) -> Option<&'static str> {
+    if error.contains("/proc/0/ns/") {
+        // "namespace path: lstat /proc/0/ns/ipc": containerd issue 9160, open upstream.
+        Some("containerd gave runc pid 0 for the sandbox (containerd issue 9160)")
+    } else if error.contains("failed to start shim") {
+        // "try create new shim socket 2x: … address already in use": the pod's shim did
+        // not answer in time, and containerd would not start another.
+        Some("containerd could not start or reach the pod's shim")
+    } else {
+        None
+    }
 }
 
-/// How often a start that hit [`sandbox_pid_lost`] is tried again with a new container.
-const SANDBOX_PID_RETRIES: usize = 2;
+/// How often a start lost by the runtime is tried again with a new container.
+const LOST_START_RETRIES: usize = 2;
 
-/// Creates a container from `spec` and starts it through `start`; a start that fails with
-/// [`sandbox_pid_lost`] removes the container and tries again. Returns the container, what
-/// `start` made of it, and how many attempts were given up.
+/// Creates a container from `spec` and starts it through `start`; when `lost` says the
+/// runtime lost the start ([`start_lost_by_runtime`]), removes the container and tries
+/// again. Returns the container, what `start` made of it, and why attempts were repeated.
 async fn create_started<T>(
     cri: &mut Cri,
     pod: &Pod,
     spec: &ContainerSpec,
     start: impl AsyncFn(&mut Cri, &str) -> Result<T>,
-    lost: impl Fn(&T) -> bool,
-) -> Result<(String, T, usize)> {
-    let mut retried = 0;
+    lost: impl Fn(&T) -> Option<&'static str>,
+) -> Result<(String, T, Vec<&'static str>)> {
+    let mut repeated = Vec::new();
     loop {
         let id = cri.create_container(pod, spec).await?;
         let outcome = start(cri, &id).await?;
-        if !lost(&outcome) || retried == SANDBOX_PID_RETRIES {
-            return Ok((id, outcome, retried));
+        match lost(&outcome) {
+            Some(why) if repeated.len() < LOST_START_RETRIES => {
+                repeated.push(why);
+                cri.remove_container(&id).await?;
+            }
+            _ => return Ok((id, outcome, repeated)),
         }
-        retried += 1;
-        cri.remove_container(&id).await?;
     }
+}
+
+/// "; creates repeated: 1× containerd could not …" (empty when none were).
+fn repeated_detail(repeated: &[&str]) -> String {
+    if repeated.is_empty() {
+        return String::new();
+    }
+    let mut by_cause = std::collections::BTreeMap::new();
+    for why in repeated {
+        *by_cause.entry(*why).or_insert(0) += 1;
+    }
+    let causes: Vec<String> = by_cause
+        .iter()
+        .map(|(why, n)| format!("{n}× {why}"))
+        .collect();
+    format!("; creates repeated: {}", causes.join(", "))
 }
 
 /// Creates `n` tracer containers `<prefix>-<i>` in `pod` and starts them, [`PARALLEL`]
@@ -306,7 +332,7 @@ async fn start_tracers(
     n: usize,
     prefix: &str,
     dir: &Path,
-) -> Result<(Vec<(String, Fate)>, usize)> {
+) -> Result<(Vec<(String, Fate)>, Vec<&'static str>)> {
     let mut out = Vec::new();
     let mut set = tokio::task::JoinSet::new();
     for i in 0..n {
@@ -317,20 +343,23 @@ async fn start_tracers(
         let (mut cri, pod) = (cri.clone(), pod.clone());
         let spec = tracer(&format!("{prefix}-{i}"), dir);
         set.spawn(async move {
-            let lost = |f: &Fate| matches!(f, Fate::Refused(e) if sandbox_pid_lost(e));
-            let (id, fate, retried) =
+            let lost = |f: &Fate| match f {
+                Fate::Refused(e) => start_lost_by_runtime(e),
+                _ => None,
+            };
+            let (id, fate, repeated) =
                 create_started(&mut cri, &pod, &spec, start_fate, lost).await?;
-            Ok::<_, anyhow::Error>((i, id, fate, retried))
+            Ok::<_, anyhow::Error>((i, id, fate, repeated))
         });
     }
     while let Some(r) = set.join_next().await {
         out.push(r??);
     }
     out.sort_by_key(|(i, ..)| *i);
-    let retried = out.iter().map(|(.., r)| r).sum();
+    let repeated = out.iter().flat_map(|(.., r)| r.iter().copied()).collect();
     Ok((
         out.into_iter().map(|(_, id, f, _)| (id, f)).collect(),
-        retried,
+        repeated,
     ))
 }
 
@@ -383,7 +412,7 @@ async fn prove_first_instruction(
 ) -> Result<String> {
     let dir = trace_dir(stack, tag)?;
     let t = Instant::now();
-    let (fates, retried) = start_tracers(cri, pod, n, tag, &dir).await?;
+    let (fates, repeated) = start_tracers(cri, pod, n, tag, &dir).await?;
     let took = t.elapsed().as_secs_f64();
     let stopped = fates.iter().filter(|(_, f)| f.stopped()).count();
     let with_event = |stack: &Stack| {
@@ -398,15 +427,11 @@ async fn prove_first_instruction(
     // time to write its file before counting.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let escaped = traces(&dir);
-    let mut summary = format!(
-        "{stopped}/{n} starts stopped before the entrypoint ran ({}; {took:.0} s); {escaped}/{n} trace files; {events}/{n} enforcement events",
-        fate_counts(&fates)
+    let summary = format!(
+        "{stopped}/{n} starts stopped before the entrypoint ran ({}; {took:.0} s); {escaped}/{n} trace files; {events}/{n} enforcement events{}",
+        fate_counts(&fates),
+        repeated_detail(&repeated)
     );
-    if retried > 0 {
-        summary.push_str(&format!(
-            "; {retried} creates repeated: containerd gave runc pid 0 for the sandbox (containerd issue 9160)"
-        ));
-    }
     if stopped != n || escaped != 0 || events != n {
         // Name the containers that escaped or were not reported, to find them in the
         // logs kept for failed scenarios.
@@ -731,30 +756,34 @@ async fn why_hooks(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
         .await?;
     let late = async {
         let t = Instant::now();
-        let (mut ids, mut retried) = (Vec::new(), 0);
+        let (mut ids, mut repeated) = (Vec::new(), Vec::new());
         let mut set = tokio::task::JoinSet::new();
         for i in 0..STARTS {
             let (mut cri, p) = (cri.clone(), pod.clone());
             let spec = tracer(&format!("late-{i}"), &dir);
             set.spawn(async move {
-                // Ok(Some(error)): a start that hit containerd issue 9160, tried again.
+                // Ok(Some(error)): a start the runtime lost, to be tried again.
                 let start = async |cri: &mut Cri, id: &str| match cri.start_container(id).await {
                     Ok(()) => Ok(None),
-                    Err(e) if sandbox_pid_lost(&e.root_cause().to_string()) => Ok(Some(e)),
+                    Err(e) if start_lost_by_runtime(&e.root_cause().to_string()).is_some() => {
+                        Ok(Some(e))
+                    }
                     Err(e) => Err(e),
                 };
-                let (id, failed, retried) =
-                    create_started(&mut cri, &p, &spec, start, Option::is_some).await?;
+                let lost = |e: &Option<anyhow::Error>| {
+                    start_lost_by_runtime(&e.as_ref()?.root_cause().to_string())
+                };
+                let (id, failed, r) = create_started(&mut cri, &p, &spec, start, lost).await?;
                 if let Some(e) = failed {
                     return Err(e);
                 }
                 let (st, _) = cri.container_status(&id).await?;
-                Ok::<_, anyhow::Error>((i, id, st.state, retried))
+                Ok::<_, anyhow::Error>((i, id, st.state, r))
             });
             // A controller reports each container as soon as CRI says it runs.
             while set.len() >= PARALLEL || (i + 1 == STARTS && !set.is_empty()) {
                 let (i, id, state, r) = set.join_next().await.expect("non-empty")??;
-                retried += r;
+                repeated.extend(r);
                 if state != ContainerState::ContainerRunning as i32 {
                     bail!("without hooks a selected container is not running (state {state})");
                 }
@@ -778,11 +807,10 @@ async fn why_hooks(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
         let later = exec_stopped(cri, first, &dir, "later-exec")
             .await
             .context("a later exec in a reported container")?;
-        let retried = match retried {
-            0 => String::new(),
-            n => format!("; {n} creates repeated (containerd issue 9160)"),
-        };
-        Ok::<_, anyhow::Error>((escaped, format!("{later}; {took:.0} s{retried}")))
+        Ok::<_, anyhow::Error>((
+            escaped,
+            format!("{later}; {took:.0} s{}", repeated_detail(&repeated)),
+        ))
     }
     .await;
     cri.remove_pod(&pod).await?;
@@ -1196,20 +1224,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn containerd_losing_the_sandbox_pid_is_told_apart_from_a_refusal() {
-        // As a 5.10 guest's containerd 1.7.24 reported it.
-        assert!(sandbox_pid_lost(
-            "failed to create containerd task: failed to create shim task: OCI runtime create \
-             failed: runc create failed: unable to create new parent process: namespace path: \
-             lstat /proc/0/ns/ipc: no such file or directory: unknown"
-        ));
-        // The LSM refusal of the entrypoint, and a sandbox that really exited.
-        assert!(!sandbox_pid_lost(
+    fn starts_the_runtime_lost_are_told_apart_from_refusals() {
+        // As a 5.10 guest's containerd 1.7.24 reported them.
+        let pid0 = "failed to create containerd task: failed to create shim task: OCI runtime \
+                    create failed: runc create failed: unable to create new parent process: \
+                    namespace path: lstat /proc/0/ns/ipc: no such file or directory: unknown";
+        let shim = "failed to create containerd task: failed to start shim: start failed: \
+                    io.containerd.runc.v2: try create new shim socket 2x: listen unix \
+                    /run/containerd/s/7328: bind: address already in use: exit status 1: unknown";
+        assert!(start_lost_by_runtime(pid0).unwrap().contains("9160"));
+        assert!(start_lost_by_runtime(shim).unwrap().contains("shim"));
+        // The LSM refusal of the entrypoint, our hook refusing, a sandbox that really exited.
+        for refused in [
             "runc create failed: unable to start container process: exec: \"/bin/sh\": \
-             operation not permitted: unknown"
-        ));
-        assert!(!sandbox_pid_lost(
-            "namespace path: lstat /proc/4173144/ns/ipc: no such file or directory"
-        ));
+             operation not permitted: unknown",
+            "runc create failed: error running createRuntime hook #0: exit status 1",
+            "namespace path: lstat /proc/4173144/ns/ipc: no such file or directory",
+        ] {
+            assert_eq!(start_lost_by_runtime(refused), None, "{refused}");
+        }
+        assert_eq!(repeated_detail(&[]), "");
+        let why = start_lost_by_runtime(pid0).unwrap();
+        assert_eq!(
+            repeated_detail(&[why, why]),
+            format!("; creates repeated: 2× {why}")
+        );
     }
 }
