@@ -195,7 +195,7 @@ pub fn render_md(rows: &[Row], kernels: &[String], generated: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# rthooks e2e kernel matrix\n");
     let _ = writeln!(out, "Generated {generated} by `cargo xtask e2e`.\n");
-    tables(&mut out, rows, kernels);
+    tables(&mut out, rows, kernels, cell);
     let details: Vec<&Row> = rows.iter().filter(|r| !r.detail.is_empty()).collect();
     if !details.is_empty() {
         let _ = writeln!(out, "\n## Details\n");
@@ -206,8 +206,9 @@ pub fn render_md(rows: &[Row], kernels: &[String], generated: &str) -> String {
     out
 }
 
-/// The README's copy of the matrix: both tables, then every failure and skip with its
-/// reason (the pass details stay in `matrix.md`).
+/// The README's copy of the matrix: both tables (a failed or skipped cell says only that),
+/// then every failure and skip with its reason, each distinct reason once with the
+/// scenarios, runtimes and kernels it applies to (the pass details stay in `matrix.md`).
 pub fn render_readme(rows: &[Row], kernels: &[String], generated: &str, guests: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -215,25 +216,57 @@ pub fn render_readme(rows: &[Row], kernels: &[String], generated: &str, guests: 
         "Generated {generated} by `cargo xtask e2e {}--update-readme` ({guests}).\n",
         if kernels.len() > 1 { "--all " } else { "" }
     );
-    tables(&mut out, rows, kernels);
-    let notes: Vec<&Row> = rows.iter().filter(|r| r.result != Verdict::Pass).collect();
+    tables(&mut out, rows, kernels, readme_cell);
+    // (verdict, scenario, reason) → (runtimes, kernels), in the order met.
+    let mut notes: Vec<((&str, &str, String), Vec<&str>, Vec<&str>)> = Vec::new();
+    for r in rows.iter().filter(|r| r.result != Verdict::Pass) {
+        let what = if r.result == Verdict::Fail {
+            "fail"
+        } else {
+            "skip"
+        };
+        let key = (what, r.scenario.as_str(), cell_text(&cut(&r.reason, 300)));
+        let at = match notes.iter().position(|(k, ..)| *k == key) {
+            Some(at) => at,
+            None => {
+                notes.push((key, Vec::new(), Vec::new()));
+                notes.len() - 1
+            }
+        };
+        let (_, runtimes, on) = &mut notes[at];
+        if !r.runtime.is_empty() && !runtimes.contains(&r.runtime.as_str()) {
+            runtimes.push(&r.runtime);
+        }
+        if !on.contains(&r.kernel.as_str()) {
+            on.push(&r.kernel);
+        }
+    }
     if !notes.is_empty() {
         let _ = writeln!(out, "\nWhat fails or is skipped, and why:\n");
-        for r in notes {
-            let what = if r.result == Verdict::Fail {
-                "fail"
+        for ((what, scenario, reason), runtimes, on) in notes {
+            let runtimes = if runtimes.is_empty() {
+                String::new()
             } else {
-                "skip"
+                format!(" ({})", runtimes.join(", "))
             };
-            let _ = writeln!(
-                out,
-                "- {} — {what}: {}",
-                where_(r),
-                cell_text(&cut(&r.reason, 300))
-            );
+            let on = if kernels.len() > 1 && on.len() == kernels.len() {
+                "every kernel".to_string()
+            } else {
+                on.join(", ")
+            };
+            let _ = writeln!(out, "- {scenario}{runtimes} on {on} — {what}: {reason}");
         }
     }
     out
+}
+
+/// A README cell: the verdict only; reasons follow the table.
+fn readme_cell(r: &Row) -> String {
+    match r.result {
+        Verdict::Pass => cell(r),
+        Verdict::Fail => format!("**FAIL** {:.1}s", r.seconds),
+        Verdict::Skip => "skip".into(),
+    }
 }
 
 pub const README_BEGIN: &str = "<!-- e2e-matrix:begin -->";
@@ -265,7 +298,7 @@ fn where_(r: &Row) -> String {
     }
 }
 
-fn tables(out: &mut String, rows: &[Row], kernels: &[String]) {
+fn tables(out: &mut String, rows: &[Row], kernels: &[String], cell: fn(&Row) -> String) {
     let _ = writeln!(out, "| kernel | uname | enforcement | pass | fail | skip |");
     let _ = writeln!(out, "|---|---|---|---|---|---|");
     for k in kernels {
@@ -457,14 +490,20 @@ mod tests {
             "{section}"
         );
         assert!(section.contains(
-            "- 6.12 / containerd_starts (containerd-2.1) — skip: CRI-O is not obtainable here"
+            "- containerd_starts (containerd-2.1) on 6.12 — skip: CRI-O is not obtainable here"
         ));
         assert!(
             section.contains(
-                "- 6.12 / agent_starts — fail: not reported: guest killed at the deadline (600 s)"
+                "- agent_starts on 6.12 — fail: not reported: guest killed at the deadline (600 s)"
             ),
             "{section}"
         );
+        // Cells say the verdict; the reason is said once, below the tables.
+        assert!(
+            section.contains("| containerd_starts | containerd-2.1 | skip |"),
+            "{section}"
+        );
+        assert_eq!(section.matches("CRI-O is not obtainable here").count(), 1);
         assert!(
             !section.contains("btf=yes"),
             "pass details stay in matrix.md"
@@ -478,5 +517,40 @@ mod tests {
         // Idempotent: splicing the same section again changes nothing.
         assert_eq!(splice_readme(&new, &section).unwrap(), new);
         assert!(splice_readme("# no markers\n", &section).is_err());
+    }
+
+    #[test]
+    fn readme_notes_say_each_reason_once_with_where_it_applies() {
+        let text = GUEST.replace("]}", r#",{"scenario":"crio","runtime":"crio"}]}"#);
+        let mut rows = Vec::new();
+        for k in ["5.10", "6.12"] {
+            let mut of = parse_results(k, &text, None);
+            for r in &mut of {
+                if r.scenario == "crio" {
+                    r.result = Verdict::Skip;
+                    r.reason = "CRI-O not obtainable here".into();
+                }
+            }
+            rows.extend(of);
+        }
+        rows[1].result = Verdict::Fail;
+        rows[1].reason = "shim did not start".into();
+        let kernels = ["5.10".to_string(), "6.12".to_string()];
+        let section = render_readme(&rows, &kernels, "now", "tcg");
+        assert!(
+            section.contains("- crio (crio) on every kernel — skip: CRI-O not obtainable here"),
+            "{section}"
+        );
+        assert!(
+            section.contains(
+                "- containerd_starts (containerd-2.1) on 5.10 — fail: shim did not start"
+            ),
+            "{section}"
+        );
+        assert_eq!(section.matches("CRI-O not obtainable").count(), 1);
+        assert!(
+            section.contains("| crio | crio | skip | skip |"),
+            "{section}"
+        );
     }
 }
