@@ -217,8 +217,13 @@ pub fn render_readme(rows: &[Row], kernels: &[String], generated: &str, guests: 
         if kernels.len() > 1 { "--all " } else { "" }
     );
     tables(&mut out, rows, kernels, readme_cell);
-    // (verdict, scenario, reason) → (runtimes, kernels), in the order met.
-    let mut notes: Vec<((&str, &str, String), Vec<&str>, Vec<&str>)> = Vec::new();
+    // One note per distinct (verdict, scenario, reason), in the order met.
+    struct Note<'a> {
+        key: (&'static str, &'a str, String),
+        runtimes: Vec<&'a str>,
+        kernels: Vec<&'a str>,
+    }
+    let mut notes: Vec<Note> = Vec::new();
     for r in rows.iter().filter(|r| r.result != Verdict::Pass) {
         let what = if r.result == Verdict::Fail {
             "fail"
@@ -226,24 +231,33 @@ pub fn render_readme(rows: &[Row], kernels: &[String], generated: &str, guests: 
             "skip"
         };
         let key = (what, r.scenario.as_str(), cell_text(&cut(&r.reason, 300)));
-        let at = match notes.iter().position(|(k, ..)| *k == key) {
+        let at = match notes.iter().position(|n| n.key == key) {
             Some(at) => at,
             None => {
-                notes.push((key, Vec::new(), Vec::new()));
+                notes.push(Note {
+                    key,
+                    runtimes: Vec::new(),
+                    kernels: Vec::new(),
+                });
                 notes.len() - 1
             }
         };
-        let (_, runtimes, on) = &mut notes[at];
-        if !r.runtime.is_empty() && !runtimes.contains(&r.runtime.as_str()) {
-            runtimes.push(&r.runtime);
+        let note = &mut notes[at];
+        if !r.runtime.is_empty() && !note.runtimes.contains(&r.runtime.as_str()) {
+            note.runtimes.push(&r.runtime);
         }
-        if !on.contains(&r.kernel.as_str()) {
-            on.push(&r.kernel);
+        if !note.kernels.contains(&r.kernel.as_str()) {
+            note.kernels.push(&r.kernel);
         }
     }
     if !notes.is_empty() {
         let _ = writeln!(out, "\nWhat fails or is skipped, and why:\n");
-        for ((what, scenario, reason), runtimes, on) in notes {
+        for Note {
+            key: (what, scenario, reason),
+            runtimes,
+            kernels: on,
+        } in notes
+        {
             let runtimes = if runtimes.is_empty() {
                 String::new()
             } else {
