@@ -4,7 +4,8 @@
 //! Wall-clock figures are noisy on shared machines, so the benchmark also reads the
 //! kernel's own accounting of the exec program (BPF run-time statistics): nanoseconds per
 //! run, the exact overhead the program adds to each exec. Also the cost of a RuntimeHook
-//! registration. Prints figures; asserts nothing about time.
+//! registration, and the kernel memory of the containers map holding 10,000 containers.
+//! Prints figures; asserts nothing about time.
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -57,9 +58,106 @@ fn program_stats(agent: &Agent) -> Option<(u64, u64)> {
     Some((field("run_cnt:")?, field("run_time_ns:")?))
 }
 
+/// `memlock` of a map as the kernel accounts it (`/proc/self/fdinfo`), in bytes.
+fn map_memlock(fd: i32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("memlock:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// A hash map shaped like `CONTAINERS` (same key, value, capacity and flags, from
+/// rthooks-common) filled with `n` containers whose bitmaps select all 128 policies:
+/// (memlock empty, memlock filled). A map of its own, so the figure does not depend
+/// on what a running agent holds.
+fn containers_map_memory(n: u64) -> Option<(u64, u64)> {
+    use rthooks_common::{ContainerPolicies, MAX_CONTAINERS};
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    #[repr(C)]
+    struct Update {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    let attr = MapCreate {
+        map_type: BPF_MAP_TYPE_HASH,
+        key_size: 8,
+        value_size: std::mem::size_of::<ContainerPolicies>() as u32,
+        max_entries: MAX_CONTAINERS,
+        map_flags: BPF_F_NO_PREALLOC,
+    };
+    // SAFETY: attr is a valid prefix of `union bpf_attr` for BPF_MAP_CREATE.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &attr as *const MapCreate,
+            std::mem::size_of::<MapCreate>(),
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    let fd = fd as i32;
+    let empty = map_memlock(fd);
+    let mut value = ContainerPolicies::default();
+    value.policies.words = [u64::MAX; rthooks_common::POLICY_WORDS];
+    for cgroup_id in 1..=n {
+        let update = Update {
+            map_fd: fd as u32,
+            _pad: 0,
+            key: &cgroup_id as *const u64 as u64,
+            value: &value as *const ContainerPolicies as u64,
+            flags: 0,
+        };
+        // SAFETY: key and value point at live values of the map's sizes.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_ELEM,
+                &update as *const Update,
+                std::mem::size_of::<Update>(),
+            )
+        };
+        if rc != 0 {
+            break;
+        }
+    }
+    let filled = map_memlock(fd);
+    // SAFETY: fd is ours and closed once.
+    unsafe { libc::close(fd) };
+    Some((empty?, filled?))
+}
+
 fn main() {
     if !kernel_tests_possible() {
         return;
+    }
+    match containers_map_memory(10_000) {
+        Some((empty, filled)) => println!(
+            "containers map (65,536 buckets, 128-policy bitmaps): empty {:.2} MB, \
+             10,000 containers {:.2} MB ({} bytes per container)",
+            empty as f64 / 1e6,
+            filled as f64 / 1e6,
+            (filled - empty) / 10_000
+        ),
+        None => println!("containers map memory: could not create a map here"),
     }
     let registered = Cgroup::new("rthooks-bench-pod");
     let plain = Cgroup::new("rthooks-bench-plain");
