@@ -69,6 +69,19 @@ fn map_memlock(fd: i32) -> Option<u64> {
         .ok()
 }
 
+/// bpf(2) with `attr`, a `#[repr(C)]` prefix of the kernel's `union bpf_attr` for `cmd`.
+///
+/// # Safety
+/// Every pointer inside `attr` must be valid for what `cmd` reads or writes through it.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &T) -> libc::c_long {
+    libc::syscall(
+        libc::SYS_bpf,
+        cmd,
+        attr as *const T,
+        std::mem::size_of::<T>(),
+    )
+}
+
 /// A hash map shaped like `CONTAINERS` (same key, value, capacity and flags, from
 /// rthooks-common) filled with `n` containers whose bitmaps select all 128 policies:
 /// (memlock empty, memlock filled). A map of its own, so the figure does not depend
@@ -102,15 +115,8 @@ fn containers_map_memory(n: u64) -> Option<(u64, u64)> {
         max_entries: MAX_CONTAINERS,
         map_flags: BPF_F_NO_PREALLOC,
     };
-    // SAFETY: attr is a valid prefix of `union bpf_attr` for BPF_MAP_CREATE.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            &attr as *const MapCreate,
-            std::mem::size_of::<MapCreate>(),
-        )
-    };
+    // SAFETY: MapCreate holds no pointers.
+    let fd = unsafe { bpf(BPF_MAP_CREATE, &attr) };
     if fd < 0 {
         return None;
     }
@@ -126,15 +132,8 @@ fn containers_map_memory(n: u64) -> Option<(u64, u64)> {
             value: &value as *const ContainerPolicies as u64,
             flags: 0,
         };
-        // SAFETY: key and value point at live values of the map's sizes.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_ELEM,
-                &update as *const Update,
-                std::mem::size_of::<Update>(),
-            )
-        };
+        // SAFETY: key and value point at live values of the map's sizes, only read.
+        let rc = unsafe { bpf(BPF_MAP_UPDATE_ELEM, &update) };
         if rc != 0 {
             break;
         }
