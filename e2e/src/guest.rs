@@ -762,21 +762,14 @@ async fn why_hooks(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
             let (mut cri, p) = (cri.clone(), pod.clone());
             let spec = tracer(&format!("late-{i}"), &dir);
             set.spawn(async move {
-                // Ok(Some(error)): a start the runtime lost, to be tried again.
-                let start = async |cri: &mut Cri, id: &str| match cri.start_container(id).await {
-                    Ok(()) => Ok(None),
-                    Err(e) if start_lost_by_runtime(&e.root_cause().to_string()).is_some() => {
-                        Ok(Some(e))
-                    }
-                    Err(e) => Err(e),
+                // The start's own result is the outcome: a lost one is tried again, any
+                // other failure ends the scenario.
+                let start = async |cri: &mut Cri, id: &str| Ok(cri.start_container(id).await);
+                let lost = |started: &Result<()>| {
+                    start_lost_by_runtime(&started.as_ref().err()?.root_cause().to_string())
                 };
-                let lost = |e: &Option<anyhow::Error>| {
-                    start_lost_by_runtime(&e.as_ref()?.root_cause().to_string())
-                };
-                let (id, failed, r) = create_started(&mut cri, &p, &spec, start, lost).await?;
-                if let Some(e) = failed {
-                    return Err(e);
-                }
+                let (id, started, r) = create_started(&mut cri, &p, &spec, start, lost).await?;
+                started?;
                 let (st, _) = cri.container_status(&id).await?;
                 Ok::<_, anyhow::Error>((i, id, st.state, r))
             });
