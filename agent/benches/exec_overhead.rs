@@ -84,9 +84,9 @@ unsafe fn bpf<T>(cmd: libc::c_long, attr: &T) -> libc::c_long {
 
 /// A hash map shaped like `CONTAINERS` (same key, value, capacity and flags, from
 /// rthooks-common) filled with `n` containers whose bitmaps select all 128 policies:
-/// (memlock empty, memlock filled). A map of its own, so the figure does not depend
-/// on what a running agent holds.
-fn containers_map_memory(n: u64) -> Option<(u64, u64)> {
+/// (memlock empty, memlock filled, containers inserted). A map of its own, so the figure
+/// does not depend on what a running agent holds.
+fn containers_map_memory(n: u64) -> Option<(u64, u64, u64)> {
     use rthooks_common::{ContainerPolicies, MAX_CONTAINERS};
     #[repr(C)]
     struct MapCreate {
@@ -124,6 +124,7 @@ fn containers_map_memory(n: u64) -> Option<(u64, u64)> {
     let empty = map_memlock(fd);
     let mut value = ContainerPolicies::default();
     value.policies.words = [u64::MAX; rthooks_common::POLICY_WORDS];
+    let mut inserted = 0;
     for cgroup_id in 1..=n {
         let update = Update {
             map_fd: fd as u32,
@@ -137,26 +138,28 @@ fn containers_map_memory(n: u64) -> Option<(u64, u64)> {
         if rc != 0 {
             break;
         }
+        inserted += 1;
     }
     let filled = map_memlock(fd);
     // SAFETY: fd is ours and closed once.
     unsafe { libc::close(fd) };
-    Some((empty?, filled?))
+    Some((empty?, filled?, inserted))
 }
 
 fn main() {
     if !kernel_tests_possible() {
         return;
     }
-    match containers_map_memory(10_000) {
-        Some((empty, filled)) => println!(
+    const CONTAINERS: u64 = 10_000;
+    match containers_map_memory(CONTAINERS) {
+        Some((empty, filled, inserted)) if inserted > 0 => println!(
             "containers map (65,536 buckets, 128-policy bitmaps): empty {:.2} MB, \
-             10,000 containers {:.2} MB ({} bytes per container)",
+             {inserted} of {CONTAINERS} containers inserted: {:.2} MB ({} bytes per container)",
             empty as f64 / 1e6,
             filled as f64 / 1e6,
-            (filled - empty) / 10_000
+            (filled - empty) / inserted
         ),
-        None => println!("containers map memory: could not create a map here"),
+        _ => println!("containers map memory: could not create or fill a map here"),
     }
     let registered = Cgroup::new("rthooks-bench-pod");
     let plain = Cgroup::new("rthooks-bench-plain");
