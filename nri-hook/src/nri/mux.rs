@@ -12,10 +12,23 @@
 //! (`AsyncRead + AsyncWrite`) that ttrpc can run over. Connection ids are agreed out of
 //! band: there is no open/close signalling, both sides just use 1 and 2.
 //!
-//! Errors are reported, never papered over: a trunk that ends inside a frame, a frame
-//! longer than [`MAX_PAYLOAD`], or a frame for a connection that was not opened closes the
-//! mux with a [`MuxError`]; every logical connection then fails its reads with that error
-//! and [`Mux::closed`] returns it.
+//! The multiplexer behaves as containerd/nri's `pkg/net/multiplex`, which the runtime runs
+//! on the other end:
+//! * a frame for a connection id nobody opened (or whose [`MuxConn`] was dropped) is read
+//!   and ignored; the trunk goes on;
+//! * each connection queues at most [`READ_QUEUE_LEN`] frames its reader has not taken
+//!   yet. One more closes the trunk and every connection with
+//!   [`MuxError::QueueOverflow`]: dropping the frame instead would cut a ttrpc message in
+//!   the middle and desynchronise the stream for good;
+//! * when the trunk ends, by EOF or by an error on either direction, the mux closes it
+//!   entirely (both halves), as upstream's `Close`.
+//!
+//! One departure, on the safe side: a frame announcing more than [`MAX_PAYLOAD`] bytes is
+//! refused before anything is allocated, where upstream allocates whatever the header says.
+//!
+//! Errors are reported, never papered over: every logical connection fails its reads with
+//! the mux's error once the frames queued before it are consumed, and [`Mux::closed`]
+//! returns it.
 
 use std::collections::HashMap;
 use std::io;
@@ -44,9 +57,11 @@ pub const MAX_PAYLOAD: usize = 10 + (4 << 20);
 /// with ENOMEM when the reader's buffer is smaller, and Go ttrpc reads through a 4 KiB
 /// `bufio.Reader`: staying below that keeps every frame readable by upstream.
 pub const MAX_WRITE_FRAME: usize = 4096 - 16;
+/// Frames queued per connection before the trunk is closed; upstream's `readQueueLen`.
+pub const READ_QUEUE_LEN: usize = 256;
 
 /// Why the mux stopped.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum MuxError {
     /// The trunk ended inside a frame.
     #[error("trunk closed mid-frame: {got} of {expected} bytes of the {part}")]
@@ -68,19 +83,30 @@ pub enum MuxError {
         /// The limit.
         max: usize,
     },
-    /// A frame arrived for a connection that was never opened.
-    #[error("frame for unknown connection id {0}")]
-    UnknownConn(ConnId),
+    /// A connection had [`READ_QUEUE_LEN`] frames waiting and another one arrived.
+    #[error("connection {conn} has {capacity} unread frames queued: cannot queue another")]
+    QueueOverflow {
+        /// The connection whose reader fell behind.
+        conn: ConnId,
+        /// Its queue length.
+        capacity: usize,
+    },
     /// Reading or writing the trunk failed.
-    #[error("trunk I/O error: {0}")]
-    Io(String),
+    #[error("trunk I/O error")]
+    Io(#[source] Arc<io::Error>),
     /// The mux was closed locally.
     #[error("mux closed")]
     Closed,
 }
 
+impl From<io::Error> for MuxError {
+    fn from(e: io::Error) -> Self {
+        MuxError::Io(Arc::new(e))
+    }
+}
+
 /// How the mux ended: the peer closed the trunk cleanly between frames, or an error.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum MuxEnd {
     /// End of stream at a frame boundary.
     Eof,
@@ -88,23 +114,19 @@ pub enum MuxEnd {
     Error(MuxError),
 }
 
-enum Inbound {
-    Data(Vec<u8>),
-    Failed(MuxError),
-}
-
 /// A multiplexer over one trunk stream. Dropping it stops its tasks (and so closes the
 /// trunk).
 pub struct Mux {
     conns: HashMap<ConnId, MuxConn>,
     end: watch::Receiver<Option<MuxEnd>>,
+    end_tx: Arc<watch::Sender<Option<MuxEnd>>>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
 }
 
 impl Mux {
     /// Starts multiplexing `trunk` with the given logical connections open. Frames for any
-    /// other id are an error ([`MuxError::UnknownConn`]).
+    /// other id are ignored, as upstream does.
     ///
     /// Must be called inside a tokio runtime.
     pub fn new<T>(trunk: T, ids: &[ConnId]) -> Self
@@ -118,7 +140,7 @@ impl Mux {
         let mut conns = HashMap::new();
         let mut inbound = HashMap::new();
         for &id in ids {
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, rx) = mpsc::channel(READ_QUEUE_LEN);
             inbound.insert(id, tx);
             conns.insert(
                 id,
@@ -127,7 +149,6 @@ impl Mux {
                     rx,
                     pending: Vec::new(),
                     pos: 0,
-                    failed: None,
                     frames: frame_tx.clone(),
                     end: end_rx.clone(),
                 },
@@ -135,10 +156,11 @@ impl Mux {
         }
         drop(frame_tx);
         let reader = tokio::spawn(read_loop(rd, inbound, end_tx.clone()));
-        let writer = tokio::spawn(write_loop(wr, frame_rx, end_tx));
+        let writer = tokio::spawn(write_loop(wr, frame_rx, end_tx.clone()));
         Mux {
             conns,
             end: end_rx,
+            end_tx,
             reader,
             writer,
         }
@@ -167,8 +189,10 @@ impl Mux {
         self.end.clone()
     }
 
-    /// Stops both trunk tasks; logical connections see [`MuxError::Closed`].
+    /// Stops both trunk tasks, which closes the trunk; logical connections see
+    /// [`MuxError::Closed`] (unless the mux had already ended for another reason).
     pub fn close(&self) {
+        set_end(&self.end_tx, MuxEnd::Error(MuxError::Closed));
         self.reader.abort();
         self.writer.abort();
     }
@@ -192,6 +216,12 @@ fn set_end(end: &watch::Sender<Option<MuxEnd>>, e: MuxEnd) {
     });
 }
 
+/// Resolves once the mux has ended, for whatever reason.
+async fn ended(end: &mut watch::Receiver<Option<MuxEnd>>) {
+    // An error means every sender is gone, which is an end too.
+    let _ = end.wait_for(Option::is_some).await;
+}
+
 /// Reads exactly `buf.len()` bytes; `Ok(n < len)` means EOF after `n` bytes.
 async fn read_full<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
@@ -209,9 +239,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<(ConnId, Vec<u8>)>, MuxError> {
     let mut hdr = [0u8; HEADER_LEN];
-    let got = read_full(r, &mut hdr)
-        .await
-        .map_err(|e| MuxError::Io(e.to_string()))?;
+    let got = read_full(r, &mut hdr).await?;
     if got == 0 {
         return Ok(None);
     }
@@ -233,9 +261,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
         });
     }
     let mut payload = vec![0u8; len];
-    let got = read_full(r, &mut payload)
-        .await
-        .map_err(|e| MuxError::Io(e.to_string()))?;
+    let got = read_full(r, &mut payload).await?;
     if got < len {
         return Err(MuxError::ShortRead {
             part: "payload",
@@ -248,28 +274,46 @@ async fn read_frame<R: AsyncRead + Unpin>(
 
 async fn read_loop<R: AsyncRead + Unpin>(
     mut rd: R,
-    inbound: HashMap<ConnId, mpsc::UnboundedSender<Inbound>>,
+    inbound: HashMap<ConnId, mpsc::Sender<Vec<u8>>>,
     end: Arc<watch::Sender<Option<MuxEnd>>>,
 ) {
+    let mut end_rx = end.subscribe();
     let result = loop {
-        match read_frame(&mut rd).await {
+        let frame = tokio::select! {
+            f = read_frame(&mut rd) => f,
+            // The writer failed or the mux was closed: stop reading, dropping our half.
+            () = ended(&mut end_rx) => return,
+        };
+        match frame {
             Ok(None) => break MuxEnd::Eof,
-            Ok(Some((conn, payload))) => match inbound.get(&conn) {
-                Some(tx) => {
-                    // A dropped MuxConn just discards its data; the other one goes on.
-                    let _ = tx.send(Inbound::Data(payload));
+            Ok(Some((conn, payload))) => {
+                let Some(tx) = inbound.get(&conn) else {
+                    tracing::debug!(
+                        conn,
+                        len = payload.len(),
+                        "ignoring frame for unknown connection"
+                    );
+                    continue;
+                };
+                match tx.try_send(payload) {
+                    Ok(()) => {}
+                    // A dropped MuxConn is a closed connection: its frames are ignored too.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        break MuxEnd::Error(MuxError::QueueOverflow {
+                            conn,
+                            capacity: READ_QUEUE_LEN,
+                        })
+                    }
                 }
-                None => break MuxEnd::Error(MuxError::UnknownConn(conn)),
-            },
+            }
             Err(e) => break MuxEnd::Error(e),
         }
     };
-    if let MuxEnd::Error(e) = &result {
-        for tx in inbound.values() {
-            let _ = tx.send(Inbound::Failed(e.clone()));
-        }
-    }
+    // The end is set before the queues' senders go, so a connection that drains its queue
+    // finds the reason.
     set_end(&end, result);
+    drop(inbound);
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(
@@ -277,8 +321,18 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut frames: mpsc::UnboundedReceiver<(ConnId, Vec<u8>)>,
     end: Arc<watch::Sender<Option<MuxEnd>>>,
 ) {
+    let mut end_rx = end.subscribe();
     let mut buf = Vec::with_capacity(HEADER_LEN + MAX_WRITE_FRAME);
-    while let Some((conn, payload)) = frames.recv().await {
+    loop {
+        let (conn, payload) = tokio::select! {
+            f = frames.recv() => match f {
+                Some(f) => f,
+                None => break,
+            },
+            // The reader saw EOF or an error: returning drops our half, which closes the
+            // trunk (upstream closes it too).
+            () = ended(&mut end_rx) => return,
+        };
         buf.clear();
         buf.extend_from_slice(&conn.to_be_bytes());
         buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
@@ -290,7 +344,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
         .await
         {
-            set_end(&end, MuxEnd::Error(MuxError::Io(e.to_string())));
+            set_end(&end, MuxEnd::Error(e.into()));
             return;
         }
     }
@@ -301,10 +355,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 /// One logical connection: a byte stream whose writes become frames on the trunk.
 pub struct MuxConn {
     id: ConnId,
-    rx: mpsc::UnboundedReceiver<Inbound>,
+    rx: mpsc::Receiver<Vec<u8>>,
     pending: Vec<u8>,
     pos: usize,
-    failed: Option<MuxError>,
     frames: mpsc::UnboundedSender<(ConnId, Vec<u8>)>,
     end: watch::Receiver<Option<MuxEnd>>,
 }
@@ -324,9 +377,9 @@ impl MuxConn {
     fn io_error(e: &MuxError) -> io::Error {
         let kind = match e {
             MuxError::ShortRead { .. } => io::ErrorKind::UnexpectedEof,
-            MuxError::Oversize { .. } | MuxError::UnknownConn(_) => io::ErrorKind::InvalidData,
-            MuxError::Closed => io::ErrorKind::BrokenPipe,
-            MuxError::Io(_) => io::ErrorKind::Other,
+            MuxError::Oversize { .. } => io::ErrorKind::InvalidData,
+            MuxError::QueueOverflow { .. } | MuxError::Closed => io::ErrorKind::BrokenPipe,
+            MuxError::Io(e) => e.kind(),
         };
         io::Error::new(kind, e.clone())
     }
@@ -346,16 +399,12 @@ impl AsyncRead for MuxConn {
                 this.pos += n;
                 return Poll::Ready(Ok(()));
             }
-            if let Some(e) = &this.failed {
-                return Poll::Ready(Err(Self::io_error(e)));
-            }
             match this.rx.poll_recv(cx) {
-                Poll::Ready(Some(Inbound::Data(d))) => {
+                Poll::Ready(Some(d)) => {
                     this.pending = d;
                     this.pos = 0;
                 }
-                Poll::Ready(Some(Inbound::Failed(e))) => this.failed = Some(e),
-                // Reader gone: clean EOF, or aborted by Mux::close / drop.
+                // Reader gone and the queue drained: the end says why.
                 Poll::Ready(None) => {
                     return match this.end.borrow().clone() {
                         Some(MuxEnd::Error(e)) => Poll::Ready(Err(Self::io_error(&e))),
@@ -485,7 +534,7 @@ mod tests {
         timeout(c2.read_exact(&mut got)).await.unwrap();
         assert_eq!(&got, b"hello world");
         drop(writer.await.unwrap());
-        assert_eq!(timeout(m.closed()).await, MuxEnd::Eof);
+        assert!(matches!(timeout(m.closed()).await, MuxEnd::Eof));
         // Clean EOF: reads return 0.
         let mut rest = Vec::new();
         assert_eq!(timeout(c2.read_to_end(&mut rest)).await.unwrap(), 0);
@@ -500,13 +549,16 @@ mod tests {
         raw.write_all(&f[..12]).await.unwrap();
         drop(raw);
         let end = timeout(m.closed()).await;
-        assert_eq!(
-            end,
-            MuxEnd::Error(MuxError::ShortRead {
-                part: "payload",
-                expected: 10,
-                got: 4
-            })
+        assert!(
+            matches!(
+                end,
+                MuxEnd::Error(MuxError::ShortRead {
+                    part: "payload",
+                    expected: 10,
+                    got: 4
+                })
+            ),
+            "{end:?}"
         );
         let mut buf = [0; 4];
         let err = timeout(c.read(&mut buf)).await.unwrap_err();
@@ -537,13 +589,17 @@ mod tests {
         let mut hdr = 1u32.to_be_bytes().to_vec();
         hdr.extend_from_slice(&u32::MAX.to_be_bytes());
         raw.write_all(&hdr).await.unwrap();
-        assert_eq!(
-            timeout(m.closed()).await,
-            MuxEnd::Error(MuxError::Oversize {
-                conn: 1,
-                len: u32::MAX as usize,
-                max: MAX_PAYLOAD
-            })
+        let end = timeout(m.closed()).await;
+        assert!(
+            matches!(
+                end,
+                MuxEnd::Error(MuxError::Oversize {
+                    conn: 1,
+                    len,
+                    max: MAX_PAYLOAD
+                }) if len == u32::MAX as usize
+            ),
+            "{end:?}"
         );
         let err = timeout(c.read(&mut [0; 1])).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
@@ -552,14 +608,81 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unknown_conn_id_is_rejected() {
-        let (a, mut raw) = duplex(1024);
-        let m = Mux::new(a, &[1, 2]);
+    async fn frames_for_unknown_or_dropped_connections_are_ignored() {
+        let (a, mut raw) = duplex(1 << 16);
+        let mut m = Mux::new(a, &[1, 2]);
+        let mut c1 = m.take(1).unwrap();
+        drop(m.take(2).unwrap());
+        // Unknown id 7, id 0 (reserved upstream) and the dropped connection 2, each with a
+        // payload that must be skipped exactly, then traffic on connection 1.
         raw.write_all(&frame(7, b"??")).await.unwrap();
-        assert_eq!(
-            timeout(m.closed()).await,
-            MuxEnd::Error(MuxError::UnknownConn(7))
+        raw.write_all(&frame(0, &[0xff; 300])).await.unwrap();
+        raw.write_all(&frame(2, b"for nobody")).await.unwrap();
+        raw.write_all(&frame(1, b"still here")).await.unwrap();
+        let mut got = [0; 10];
+        timeout(c1.read_exact(&mut got)).await.unwrap();
+        assert_eq!(&got, b"still here");
+        // And the way back still works.
+        c1.write_all(b"reply").await.unwrap();
+        let mut f = [0; 13];
+        timeout(raw.read_exact(&mut f)).await.unwrap();
+        assert_eq!(f[..], frame(1, b"reply")[..]);
+        assert!(m.end_watch().borrow().is_none(), "the mux must still be up");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_holds_exactly_read_queue_len_frames() {
+        let (a, mut raw) = duplex(1 << 16);
+        let mut m = Mux::new(a, &[1, 2]);
+        let (mut c1, mut c2) = (m.take(1).unwrap(), m.take(2).unwrap());
+        for i in 0..READ_QUEUE_LEN {
+            raw.write_all(&frame(1, &[i as u8])).await.unwrap();
+        }
+        // Frames are demultiplexed in order: once connection 2 has its frame, all
+        // READ_QUEUE_LEN frames of connection 1 sit in its queue, and the mux is up.
+        raw.write_all(&frame(2, b"ping")).await.unwrap();
+        let mut p = [0; 4];
+        timeout(c2.read_exact(&mut p)).await.unwrap();
+        assert!(m.end_watch().borrow().is_none(), "the mux must still be up");
+        let mut got = vec![0; READ_QUEUE_LEN];
+        timeout(c1.read_exact(&mut got)).await.unwrap();
+        assert!(got.iter().enumerate().all(|(i, &b)| b == i as u8));
+    }
+
+    #[tokio::test]
+    async fn queue_overflow_closes_the_trunk() {
+        let (a, mut raw) = duplex(1 << 16);
+        let mut m = Mux::new(a, &[1, 2]);
+        let (mut c1, mut c2) = (m.take(1).unwrap(), m.take(2).unwrap());
+        for i in 0..=READ_QUEUE_LEN {
+            raw.write_all(&frame(1, &[i as u8])).await.unwrap();
+        }
+        let end = timeout(m.closed()).await;
+        assert!(
+            matches!(
+                end,
+                MuxEnd::Error(MuxError::QueueOverflow {
+                    conn: 1,
+                    capacity: READ_QUEUE_LEN
+                })
+            ),
+            "{end:?}"
         );
+        // The trunk is closed: the peer reads EOF (no frame was written to it).
+        let mut rest = Vec::new();
+        assert_eq!(timeout(raw.read_to_end(&mut rest)).await.unwrap(), 0);
+        // The frames queued before the overflow are delivered whole, in order, and never
+        // the one that did not fit; then reads fail with the reason.
+        let mut got = vec![0; READ_QUEUE_LEN];
+        timeout(c1.read_exact(&mut got)).await.unwrap();
+        assert!(got.iter().enumerate().all(|(i, &b)| b == i as u8));
+        let err = timeout(c1.read(&mut [0; 1])).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        assert!(err.to_string().contains("unread frames"), "{err}");
+        // Every connection of the mux is closed, writes included.
+        let err = timeout(c2.read(&mut [0; 1])).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        assert!(c2.write_all(b"x").await.is_err());
     }
 
     #[tokio::test]
