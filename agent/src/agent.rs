@@ -10,7 +10,7 @@ use rthooks_api::tetragon::CreateContainer;
 use rthooks_api::v1;
 use tokio::sync::broadcast;
 
-use crate::bpf::{Enforcer, Mode};
+use crate::bpf::{MapWriter, Mode};
 use crate::cgroup;
 use crate::error::Error;
 use crate::identity::{ContainerIdentity, RequestFields};
@@ -20,7 +20,7 @@ use crate::state::{ContainerRecord, PolicyRecord, PolicySource, State, Store};
 
 pub struct Inner {
     pub state: State,
-    pub maps: Enforcer,
+    pub maps: MapWriter,
     store: Store,
     /// Policy files as last read: path → (mtime, len, keys it defined).
     files: HashMap<PathBuf, (SystemTime, u64, Vec<PolicyKey>)>,
@@ -42,7 +42,9 @@ impl Agent {
     /// Builds the agent around loaded programs, restoring the saved state and making the
     /// maps match it exactly.
     pub fn new(
-        maps: Enforcer,
+        maps: MapWriter,
+        mode: Mode,
+        mode_reason: String,
         state_dir: &Path,
         cgroup_root: PathBuf,
         policy_dir: PathBuf,
@@ -54,8 +56,6 @@ impl Agent {
         let mut state = State::with_map_contents(containers, binaries, levels);
         let restored = (snapshot.containers.len(), snapshot.policies.len());
         state.restore(snapshot);
-        let mode = maps.mode;
-        let mode_reason = maps.mode_reason.clone();
         let mut inner = Inner {
             state,
             maps,
@@ -250,7 +250,7 @@ impl Agent {
     pub fn gauges(&self) -> Gauges {
         let inner = self.inner.lock().unwrap();
         let (c, b) = inner.state.map_fill();
-        let (cc, bc) = Enforcer::capacities();
+        let (cc, bc) = MapWriter::capacities();
         Gauges {
             containers: inner.state.containers().count() as u64,
             containers_not_covered: inner.state.containers().filter(|c| !c.covered).count() as u64,

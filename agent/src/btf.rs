@@ -49,7 +49,7 @@ pub struct Btf {
 fn u32_at(b: &[u8], off: usize) -> Result<u32, Error> {
     b.get(off..off + 4)
         .map(|s| u32::from_le_bytes(s.try_into().unwrap()))
-        .ok_or_else(|| Error::Bpf("BTF: truncated".into()))
+        .ok_or_else(|| Error::Btf("truncated".into()))
 }
 
 impl Btf {
@@ -61,8 +61,8 @@ impl Btf {
 
     pub fn parse(data: &[u8]) -> Result<Btf, Error> {
         if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != BTF_MAGIC {
-            return Err(Error::Bpf(
-                "BTF: bad magic (only little-endian BTF is read)".into(),
+            return Err(Error::Btf(
+                "bad magic (only little-endian BTF is read)".into(),
             ));
         }
         let hdr_len = u32_at(data, 4)? as usize;
@@ -72,10 +72,10 @@ impl Btf {
         let str_len = u32_at(data, 20)? as usize;
         let types_data = data
             .get(hdr_len + type_off..hdr_len + type_off + type_len)
-            .ok_or_else(|| Error::Bpf("BTF: type section out of bounds".into()))?;
+            .ok_or_else(|| Error::Btf("type section out of bounds".into()))?;
         let strings = data
             .get(hdr_len + str_off..hdr_len + str_off + str_len)
-            .ok_or_else(|| Error::Bpf("BTF: string section out of bounds".into()))?
+            .ok_or_else(|| Error::Btf("string section out of bounds".into()))?
             .to_vec();
         let mut types = vec![Type {
             name_off: 0,
@@ -187,10 +187,10 @@ impl Btf {
         let id = *self
             .structs_by_name
             .get(name)
-            .ok_or_else(|| Error::Bpf(format!("BTF: no struct {name}")))?;
+            .ok_or_else(|| Error::Btf(format!("no struct {name}")))?;
         let bits = self
             .member_bits(id, member, 0)
-            .ok_or_else(|| Error::Bpf(format!("BTF: struct {name} has no member {member}")))?;
+            .ok_or_else(|| Error::Btf(format!("struct {name} has no member {member}")))?;
         Ok(u64::from(bits / 8))
     }
 

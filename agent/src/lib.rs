@@ -3,7 +3,9 @@
 //!
 //! Modules by concept: [`cgroup`] (cgroupsPath → cgroup id), [`identity`] (who a
 //! container is), [`policy`] (schema and selectors), [`state`] (the model and the exact map
-//! diff), [`bpf`] (programs, pins, maps), [`btf`] (kernel layout for the programs),
+//! diff), [`bpf`] (loading, attaching and pinning the programs in [`bpf::programs`], the
+//! exec hook point in [`bpf::mode`], the map writer in [`bpf::maps`]), [`btf`] (kernel
+//! layout for the programs),
 //! [`server`] (gRPC), [`events`], [`metrics`], [`config`].
 pub mod agent;
 pub mod bpf;
@@ -28,7 +30,7 @@ pub use error::Error;
 /// Runs the agent until SIGINT/SIGTERM. Pinned programs stay attached afterwards.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if config.unpin {
-        bpf::Enforcer::unpin_all(&config.bpf_pin_dir)
+        bpf::unpin_all(&config.bpf_pin_dir)
             .with_context(|| format!("removing {}", config.bpf_pin_dir.display()))?;
         tracing::info!(dir = %config.bpf_pin_dir.display(), "unpinned: programs detached, enforcement stopped");
         return Ok(());
@@ -43,16 +45,21 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         Some(r) => r.clone(),
         None => cgroup::detect_root()?,
     };
-    let mut enforcer = bpf::Enforcer::load(&config.bpf_pin_dir, config.enforcement)?;
+    let bpf::Loaded {
+        programs,
+        maps,
+        events: ring,
+    } = bpf::load(&config.bpf_pin_dir, config.enforcement)?;
     tracing::info!(
-        mode = enforcer.mode.as_str(),
-        reason = %enforcer.mode_reason,
+        mode = programs.mode.as_str(),
+        reason = %programs.mode_reason,
         pins = %config.bpf_pin_dir.display(),
         "eBPF programs attached"
     );
-    let ring = enforcer.take_events();
     let agent = Arc::new(agent::Agent::new(
-        enforcer,
+        maps,
+        programs.mode,
+        programs.mode_reason.clone(),
         &config.state_dir,
         cgroup_root.clone(),
         config.policy_dir.clone(),
@@ -72,9 +79,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 .with_context(|| format!("opening events file {}", p.display()))?,
         )),
     };
-    if let Some(ring) = ring {
-        tokio::spawn(events::run(agent.clone(), ring, events_out));
-    }
+    tokio::spawn(events::run(agent.clone(), ring, events_out));
 
     {
         let agent = agent.clone();
@@ -148,6 +153,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         _ = grace => {}
     }
     let _ = std::fs::remove_file(&socket);
+    // The programs stay attached through their pins; their fds lived until here.
+    drop(programs);
     Ok(())
 }
 

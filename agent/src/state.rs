@@ -548,9 +548,13 @@ pub mod tests {
     impl MapSink for FakeMaps {
         fn set_container(&mut self, id: u64, p: PolicySet) -> Result<(), Error> {
             if self.fail_container_writes {
+                // What the kernel answers when a hash map is full.
                 return Err(Error::Map {
                     map: "containers",
-                    reason: "full".into(),
+                    source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_update_elem",
+                        io_error: nix::errno::Errno::E2BIG.into(),
+                    }),
                 });
             }
             self.writes += 1;

@@ -1,0 +1,176 @@
+//! The enforcement mode: from which kernel hook point a denied exec is stopped. The
+//! candidates are tried in [`EXEC_HOOKS`] order; the first that the request admits and the
+//! kernel accepts is pinned, and the pins of every other candidate are removed.
+use aya::programs::{links::FdLink, Lsm};
+use aya::Ebpf;
+use rthooks_common::programs;
+
+use super::fs::bpf_lsm_active;
+use super::programs::{attach_raw_tracepoint, pin_link, program_mut, remove_link_pin};
+use crate::error::Error;
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// LSM `bprm_check_security`: a denied exec fails with EPERM.
+    Lsm,
+    /// Tracepoint `sched_process_exec` + SIGKILL before the first instruction.
+    Sigkill,
+}
+
+impl Mode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Mode::Lsm => "lsm",
+            Mode::Sigkill => "sigkill",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RequestedMode {
+    /// LSM when the kernel runs BPF LSM programs, otherwise sigkill.
+    Auto,
+    Lsm,
+    Sigkill,
+}
+
+impl RequestedMode {
+    fn admits(self, mode: Mode) -> bool {
+        match self {
+            RequestedMode::Auto => true,
+            RequestedMode::Lsm => mode == Mode::Lsm,
+            RequestedMode::Sigkill => mode == Mode::Sigkill,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            RequestedMode::Auto => "auto",
+            RequestedMode::Lsm => "lsm",
+            RequestedMode::Sigkill => "sigkill",
+        }
+    }
+}
+
+/// One hook point from which exec can be enforced.
+pub struct ExecHook {
+    /// The program's name in the object, also its link pin's name.
+    pub program: &'static str,
+    pub mode: Mode,
+    /// Why the hook point cannot work on this kernel even if its program attaches, or
+    /// `None` to try it.
+    unusable: fn() -> Option<String>,
+    /// Loads and attaches the program.
+    attach: fn(&mut Ebpf, &aya::Btf) -> Result<FdLink, Error>,
+    /// The reason reported when it is the first candidate and is chosen.
+    chosen: &'static str,
+    /// Says which candidate an attach error comes from.
+    refused: &'static str,
+}
+
+/// Best first.
+pub const EXEC_HOOKS: &[ExecHook] = &[
+    ExecHook {
+        program: programs::EXEC_LSM,
+        mode: Mode::Lsm,
+        unusable: lsm_unusable,
+        attach: attach_lsm,
+        chosen: "bpf LSM is active and the program attached",
+        refused: "the LSM program was refused",
+    },
+    ExecHook {
+        program: programs::EXEC_SIGKILL,
+        mode: Mode::Sigkill,
+        unusable: || None,
+        attach: attach_exec_tracepoint,
+        chosen: "the sched_process_exec tracepoint attached",
+        refused: "the sched_process_exec program was refused",
+    },
+];
+
+fn lsm_unusable() -> Option<String> {
+    match bpf_lsm_active() {
+        Ok(true) => None,
+        Ok(false) => Some(
+            "bpf is not in the active LSM list (/sys/kernel/security/lsm); boot with lsm=...,bpf"
+                .into(),
+        ),
+        Err(e) => Some(e),
+    }
+}
+
+fn attach_lsm(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<FdLink, Error> {
+    let name = programs::EXEC_LSM;
+    let prog: &mut Lsm = program_mut(ebpf, name)?
+        .try_into()
+        .map_err(Error::program("typing", name))?;
+    prog.load("bprm_check_security", btf)
+        .map_err(Error::program("loading", name))?;
+    let link = prog.attach().map_err(Error::program("attaching", name))?;
+    Ok(prog
+        .take_link(link)
+        .map_err(Error::program("taking the link of", name))?
+        .into())
+}
+
+fn attach_exec_tracepoint(ebpf: &mut Ebpf, _: &aya::Btf) -> Result<FdLink, Error> {
+    attach_raw_tracepoint(ebpf, programs::EXEC_SIGKILL, "sched_process_exec")
+}
+
+/// Attaches and pins the best hook point `requested` admits; returns its mode and why
+/// it was chosen (the reasons the better ones were passed over).
+pub fn attach_exec(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    pin_dir: &std::path::Path,
+    requested: RequestedMode,
+) -> Result<(Mode, String), Error> {
+    // Why each better candidate was not taken, for the chosen one's reason.
+    let mut passed_over: Vec<String> = Vec::new();
+    // Only of candidates the request admits, for the error when none works.
+    let mut refusals: Vec<String> = Vec::new();
+    let mut last_error = None;
+    for hook in EXEC_HOOKS {
+        let why_not = if !requested.admits(hook.mode) {
+            format!("{} mode requested", requested.as_str())
+        } else if let Some(reason) = (hook.unusable)() {
+            reason
+        } else {
+            match (hook.attach)(ebpf, btf).and_then(|link| pin_link(link, pin_dir, hook.program)) {
+                Ok(()) => {
+                    for other in EXEC_HOOKS.iter().filter(|h| h.program != hook.program) {
+                        remove_link_pin(pin_dir, other.program);
+                    }
+                    let reason = if passed_over.is_empty() {
+                        hook.chosen.to_string()
+                    } else {
+                        passed_over.join("; ")
+                    };
+                    return Ok((hook.mode, reason));
+                }
+                Err(e) => {
+                    let why_not = format!("{}: {e}", hook.refused);
+                    last_error = Some(e);
+                    why_not
+                }
+            }
+        };
+        if requested.admits(hook.mode) {
+            refusals.push(why_not.clone());
+        }
+        if !passed_over.contains(&why_not) {
+            passed_over.push(why_not);
+        }
+    }
+    match (requested, last_error) {
+        // The last resort's own error is the cause worth showing.
+        (RequestedMode::Auto, Some(e)) => Err(e),
+        _ => Err(Error::ModeUnavailable {
+            mode: requested.as_str(),
+            reason: refusals.join("; "),
+        }),
+    }
+}
