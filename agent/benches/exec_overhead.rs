@@ -5,6 +5,9 @@
 //! kernel's own accounting of the exec program (BPF run-time statistics): nanoseconds per
 //! run, the exact overhead the program adds to each exec. Also the cost of a RuntimeHook
 //! registration, and the kernel memory of the containers map holding 10,000 containers.
+//! The agent runs in the mode it chooses; `RTHOOKS_ENFORCEMENT=lsm|fentry|kprobe|sigkill`
+//! forces one (BPF statistics count the program only, not a kprobe's own trap);
+//! `RTHOOKS_BENCH_EXECS` and `RTHOOKS_BENCH_REGISTRATIONS` change the counts.
 //! Prints figures; asserts nothing about time.
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -14,7 +17,24 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const EXECS: usize = 2000;
+/// `$var`, or `default` (fewer execs and registrations in slow guests).
+fn count(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
+/// Execs per loop.
+fn execs() -> usize {
+    count("RTHOOKS_BENCH_EXECS", 2000)
+}
+
+/// RuntimeHook calls timed.
+fn registrations() -> usize {
+    count("RTHOOKS_BENCH_REGISTRATIONS", 200)
+}
 
 fn exec_loop(cgroup: &Cgroup) -> Duration {
     let tmp = std::env::temp_dir();
@@ -23,23 +43,29 @@ fn exec_loop(cgroup: &Cgroup) -> Duration {
         .find(|p| std::path::Path::new(p).exists())
         .unwrap();
     let start = Instant::now();
-    for _ in 0..EXECS {
+    for _ in 0..execs() {
         assert!(run_in(cgroup, &tmp, truebin, &[]).succeeded());
     }
     start.elapsed()
 }
 
 fn per_exec(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6 / EXECS as f64
+    d.as_secs_f64() * 1e6 / execs() as f64
 }
 
 /// (run_cnt, run_time_ns) of the program behind the pinned exec link.
 fn program_stats(agent: &Agent) -> Option<(u64, u64)> {
+    use rthooks_common::programs;
     use std::os::fd::AsRawFd;
-    let link = ["rthooks_exec_sigkill", "rthooks_exec_lsm"]
-        .iter()
-        .map(|n| agent.pin_dir.join("links").join(n))
-        .find(|p| p.exists())?;
+    let link = [
+        programs::EXEC_LSM,
+        programs::EXEC_FENTRY,
+        programs::EXEC_KPROBE,
+        programs::EXEC_SIGKILL,
+    ]
+    .iter()
+    .map(|n| agent.pin_dir.join("links").join(n))
+    .find(|p| p.exists())?;
     let link: aya::programs::links::FdLink = aya::programs::links::PinnedLink::from_pin(link)
         .ok()?
         .into();
@@ -179,7 +205,7 @@ fn main() {
         ))
         .unwrap();
     let mut hook = Vec::new();
-    for i in 0..200 {
+    for i in 0..registrations() {
         let c = registered.child(&format!("c{i}"));
         let t = Instant::now();
         agent
@@ -199,6 +225,11 @@ fn main() {
     let s2 = program_stats(&agent);
     drop(stats_fd);
     hook.sort();
+    let status = agent.status();
+    println!(
+        "enforcement mode: {} ({}; RTHOOKS_ENFORCEMENT chooses another)",
+        status.enforcement_mode, status.enforcement_reason
+    );
     if let (Some(a), Some(b), Some(c)) = (s0, s1, s2) {
         let per = |x: (u64, u64), y: (u64, u64)| (y.1 - x.1) as f64 / (y.0 - x.0).max(1) as f64;
         println!("exec program run time (kernel BPF stats, ns per exec):");
@@ -213,7 +244,7 @@ fn main() {
     } else {
         println!("exec program run time: BPF run-time statistics unavailable");
     }
-    println!("exec loop of {EXECS} fork+exec of true (µs per exec):");
+    println!("exec loop of {} fork+exec of true (µs per exec):", execs());
     println!(
         "  programs detached                      {:8.1}",
         per_exec(detached)
@@ -227,7 +258,8 @@ fn main() {
         per_exec(matched)
     );
     println!(
-        "RuntimeHook registration over gRPC (200 calls, new connection each): p50 {:.2} ms, p99 {:.2} ms",
+        "RuntimeHook registration over gRPC ({} calls, new connection each): p50 {:.2} ms, p99 {:.2} ms",
+        hook.len(),
         hook[hook.len() / 2].as_secs_f64() * 1e3,
         hook[hook.len() * 99 / 100].as_secs_f64() * 1e3
     );

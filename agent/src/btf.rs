@@ -208,6 +208,7 @@ impl Btf {
             qstr_len: self.offset("qstr", "len")?,
             qstr_name: self.offset("qstr", "name")?,
             vfsmount_mnt_root: self.offset("vfsmount", "mnt_root")?,
+            vfsmount_mnt_flags: self.offset("vfsmount", "mnt_flags")?,
             mount_mnt: self.offset("mount", "mnt")?,
             mount_mnt_parent: self.offset("mount", "mnt_parent")?,
             mount_mnt_mountpoint: self.offset("mount", "mnt_mountpoint")?,

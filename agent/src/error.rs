@@ -71,6 +71,14 @@ pub enum Error {
     },
     #[error("{mode} mode requested but unavailable: {reason}")]
     ModeUnavailable { mode: &'static str, reason: String },
+    /// The program attached, but nothing can keep it attached once the agent exits.
+    #[error(
+        "{program} attached but cannot be pinned: {why}, so enforcement would stop with the agent"
+    )]
+    Unpinnable {
+        program: &'static str,
+        why: &'static str,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -151,6 +159,7 @@ impl From<Error> for tonic::Status {
             | Error::Program { .. }
             | Error::Pin { .. }
             | Error::ModeUnavailable { .. }
+            | Error::Unpinnable { .. }
             | Error::Io { .. } => tonic::Status::internal(msg),
         }
     }

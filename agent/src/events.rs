@@ -22,10 +22,10 @@ fn action_name(a: Action) -> &'static str {
 /// Turns one exec record into the API event.
 pub fn enrich(agent: &Agent, ev: &Event) -> Option<v1::Event> {
     let action = Action::from_u32(ev.action)?;
-    // In sigkill mode a Deny is carried out as a kill: report what happened.
-    let reported = match (action, agent.mode) {
-        (Action::Deny, crate::bpf::Mode::Sigkill) => Action::Kill,
-        (a, _) => a,
+    // Outside lsm mode a Deny is carried out as a kill: report what happened.
+    let reported = match action {
+        Action::Deny if !agent.mode.refuses_exec() => Action::Kill,
+        a => a,
     };
     let inner = agent.inner.lock().unwrap();
     let state = &inner.state;

@@ -6,11 +6,18 @@
 //!   kernel, so not one instruction of the new binary runs. Used where LSM programs
 //!   cannot load.
 //! * `rthooks_exec_lsm` (LSM `bprm_check_security`): Deny makes the exec fail with EPERM.
+//! * `rthooks_exec_fentry` (fentry) and `rthooks_exec_kprobe` (kprobe) on
+//!   `security_bprm_check`, the function that calls the LSM hook: for kernels where the
+//!   bpf LSM is not active. They see what the LSM program sees (the script, then its
+//!   interpreter), but cannot make the exec fail: Deny and Kill become SIGKILL, which the
+//!   task takes on its way back to user space, before the file or its interpreter has
+//!   run an instruction.
 //! * `rthooks_cgroup_rmdir` (raw tracepoint `cgroup_rmdir`): drops a removed cgroup's entry
 //!   and tells the agent, so the maps cannot fill with dead cgroups.
 //!
-//! Raw tracepoints and LSM programs are attached through BPF links, which can be pinned on
-//! every kernel of the matrix (5.7+), so enforcement survives an agent restart.
+//! Raw tracepoints, LSM and fentry programs are attached through BPF links, which can be
+//! pinned on every kernel of the matrix (5.7+), so enforcement survives an agent restart;
+//! kprobes get a pinnable link from 5.15 on.
 //!
 //! Kernel structs are read with `bpf_probe_read_kernel` at offsets the agent took from the
 //! running kernel's BTF (`OFFSETS`); Rust programs get no CO-RE relocations.
@@ -25,15 +32,15 @@ use aya_ebpf::{
             bpf_get_current_cgroup_id, bpf_get_current_task, bpf_probe_read_kernel, bpf_send_signal,
         },
     },
-    macros::{lsm, map, raw_tracepoint},
+    macros::{fentry, kprobe, lsm, map, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::{LsmContext, RawTracePointContext},
+    programs::{FEntryContext, LsmContext, ProbeContext, RawTracePointContext},
     EbpfContext,
 };
 use rthooks_common::{
     path_hash_word, Action, BinaryRules, ContainerPolicies, Event, KernelOffsets, PolicySet,
     Settings, EVENT_CGROUP_REMOVED, EVENT_EXEC, MAX_BINARIES, MAX_CGROUP_LEVELS, MAX_CONTAINERS,
-    MAX_NAME_LEN, MAX_PATH_COMPONENTS, PATH_HASH_SEED, PATH_HASH_WORDS,
+    MAX_NAME_LEN, MAX_PATH_COMPONENTS, MNT_INTERNAL, PATH_HASH_SEED, PATH_HASH_WORDS,
 };
 
 #[map(name = "RTHOOKS_CONTAINERS")]
@@ -161,6 +168,11 @@ unsafe fn file_path_hash(off: &KernelOffsets, file: u64) -> Option<u64> {
     if vfsmnt == 0 || dentry == 0 {
         return None;
     }
+    // A memfd (or any file on a mount the kernel made for itself) was never reached by a
+    // path: its "name" is whatever its creator chose, so no rule may match it.
+    if read_u32(vfsmnt, off.vfsmount_mnt_flags) & MNT_INTERNAL != 0 {
+        return None;
+    }
     let mut hash = PATH_HASH_SEED;
     let mut step = 0u32;
     while step < MAX_PATH_COMPONENTS {
@@ -268,20 +280,7 @@ fn count_drop() {
 /// struct linux_binprm *bprm)
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn rthooks_exec_sigkill(ctx: RawTracePointContext) -> i32 {
-    let bprm: u64 = ctx.arg(2);
-    unsafe {
-        let Some(off) = OFFSETS.get(0) else { return 0 };
-        let file = read_ptr(bprm, off.binprm_file);
-        if file == 0 {
-            return 0;
-        }
-        match decide(file) {
-            Some(Action::Deny) | Some(Action::Kill) => {
-                bpf_send_signal(SIGKILL);
-            }
-            _ => {}
-        }
-    }
+    unsafe { kill_if_denied(ctx.arg(2)) };
     0
 }
 
@@ -306,6 +305,38 @@ pub fn rthooks_exec_lsm(ctx: LsmContext) -> i32 {
             _ => 0,
         }
     }
+}
+
+/// Where the exec cannot be refused, Deny is carried out as Kill.
+#[inline(always)]
+unsafe fn kill_if_denied(bprm: u64) {
+    let Some(off) = OFFSETS.get(0) else { return };
+    let file = read_ptr(bprm, off.binprm_file);
+    if file == 0 {
+        return;
+    }
+    if let Some(Action::Deny | Action::Kill) = decide(file) {
+        bpf_send_signal(SIGKILL);
+    }
+}
+
+/// fentry/security_bprm_check(struct linux_binprm *bprm)
+#[fentry(function = "security_bprm_check")]
+pub fn rthooks_exec_fentry(ctx: FEntryContext) -> i32 {
+    unsafe {
+        // A BTF-typed pointer, as in the LSM program: read it as a plain number.
+        kill_if_denied(read_ptr(ctx.as_ptr() as u64, 0));
+    }
+    0
+}
+
+/// kprobe/security_bprm_check(struct linux_binprm *bprm)
+#[kprobe(function = "security_bprm_check")]
+pub fn rthooks_exec_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(bprm) = ctx.arg::<u64>(0) {
+        unsafe { kill_if_denied(bprm) };
+    }
+    0
 }
 
 /// raw_tracepoint/cgroup_rmdir(struct cgroup *cgrp, const char *path)

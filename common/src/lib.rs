@@ -47,8 +47,19 @@ pub mod pins {
 pub mod programs {
     pub const EXEC_SIGKILL: &str = "rthooks_exec_sigkill";
     pub const EXEC_LSM: &str = "rthooks_exec_lsm";
+    pub const EXEC_FENTRY: &str = "rthooks_exec_fentry";
+    pub const EXEC_KPROBE: &str = "rthooks_exec_kprobe";
     pub const CGROUP_RMDIR: &str = "rthooks_cgroup_rmdir";
 }
+
+/// The kernel function the fentry and kprobe programs attach to: the LSM framework's own
+/// entry for `bprm_check_security`, called whether or not the bpf LSM is active, once for
+/// the executed file and again for each interpreter (`#!`, binfmt_misc) before it loads.
+pub const BPRM_CHECK_FUNCTION: &str = "security_bprm_check";
+
+/// `vfsmount.mnt_flags` bit of mounts the kernel made for itself (`kern_mount`: the tmpfs
+/// behind memfd and SysV shm, pipes, sockets). Files there have no path anyone resolved.
+pub const MNT_INTERNAL: u32 = 0x4000;
 
 /// A bitmap of policy slots (slot = index of a loaded policy, 0..MAX_POLICIES).
 #[repr(C)]
@@ -150,6 +161,7 @@ pub struct KernelOffsets {
     pub qstr_len: u64,
     pub qstr_name: u64,
     pub vfsmount_mnt_root: u64,
+    pub vfsmount_mnt_flags: u64,
     pub mount_mnt: u64,
     pub mount_mnt_parent: u64,
     pub mount_mnt_mountpoint: u64,

@@ -7,7 +7,7 @@
 # A scenario function runs in its own bash, under a timeout, with its output in
 # $RTHOOKS_RESULTS_DIR/logs/, and ends with exactly one verdict:
 #     pass [DETAIL]   fail REASON [DETAIL]   skip REASON [DETAIL]
-# optionally after `mode lsm|sigkill` for the enforcement mode it observed.
+# optionally after `mode lsm|fentry|kprobe|sigkill` for the enforcement mode it observed.
 # No verdict (or a non-zero exit without one) is a failure.
 #
 # Results are JSON lines in $RTHOOKS_RESULTS_DIR/results.jsonl: first the plan, then one

@@ -1,9 +1,9 @@
 //! The enforcement mode: from which kernel hook point a denied exec is stopped. The
 //! candidates are tried in [`EXEC_HOOKS`] order; the first that the request admits and the
 //! kernel accepts is pinned, and the pins of every other candidate are removed.
-use aya::programs::{links::FdLink, Lsm};
+use aya::programs::{links::FdLink, FEntry, KProbe, Lsm};
 use aya::Ebpf;
-use rthooks_common::programs;
+use rthooks_common::{programs, BPRM_CHECK_FUNCTION};
 
 use super::fs::bpf_lsm_active;
 use super::programs::{attach_raw_tracepoint, pin_link, program_mut, remove_link_pin};
@@ -16,6 +16,11 @@ use crate::error::Error;
 pub enum Mode {
     /// LSM `bprm_check_security`: a denied exec fails with EPERM.
     Lsm,
+    /// fentry on `security_bprm_check` (BPF trampoline) + SIGKILL: sees the script, not
+    /// only its interpreter, where the bpf LSM is not active.
+    Fentry,
+    /// kprobe on `security_bprm_check` + SIGKILL: the same, where trampolines are refused.
+    Kprobe,
     /// Tracepoint `sched_process_exec` + SIGKILL before the first instruction.
     Sigkill,
 }
@@ -24,16 +29,30 @@ impl Mode {
     pub fn as_str(&self) -> &'static str {
         match self {
             Mode::Lsm => "lsm",
+            Mode::Fentry => "fentry",
+            Mode::Kprobe => "kprobe",
             Mode::Sigkill => "sigkill",
         }
+    }
+
+    /// Only the LSM program can make an exec fail; the others carry a Deny out as a kill.
+    pub fn refuses_exec(&self) -> bool {
+        *self == Mode::Lsm
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum RequestedMode {
-    /// LSM when the kernel runs BPF LSM programs, otherwise sigkill.
+    /// The first of lsm, fentry, kprobe, sigkill that this kernel runs (lsm only when bpf
+    /// is an active LSM).
     Auto,
+    /// LSM `bprm_check_security`: Deny = EPERM. Needs `bpf` in the active LSM list.
     Lsm,
+    /// fentry on `security_bprm_check` + SIGKILL. Needs BPF trampolines.
+    Fentry,
+    /// kprobe on `security_bprm_check` + SIGKILL. Needs kprobes and, to pin it, 5.15+.
+    Kprobe,
+    /// Tracepoint `sched_process_exec` + SIGKILL: sees a `#!` script's interpreter only.
     Sigkill,
 }
 
@@ -42,6 +61,8 @@ impl RequestedMode {
         match self {
             RequestedMode::Auto => true,
             RequestedMode::Lsm => mode == Mode::Lsm,
+            RequestedMode::Fentry => mode == Mode::Fentry,
+            RequestedMode::Kprobe => mode == Mode::Kprobe,
             RequestedMode::Sigkill => mode == Mode::Sigkill,
         }
     }
@@ -50,6 +71,8 @@ impl RequestedMode {
         match self {
             RequestedMode::Auto => "auto",
             RequestedMode::Lsm => "lsm",
+            RequestedMode::Fentry => "fentry",
+            RequestedMode::Kprobe => "kprobe",
             RequestedMode::Sigkill => "sigkill",
         }
     }
@@ -81,12 +104,30 @@ pub const EXEC_HOOKS: &[ExecHook] = &[
         chosen: "bpf LSM is active and the program attached",
         refused: "the LSM program was refused",
     },
+    // The function that calls the LSM hook, called whether or not the bpf LSM is active:
+    // it sees a script, then its interpreter, as the LSM program does.
+    ExecHook {
+        program: programs::EXEC_FENTRY,
+        mode: Mode::Fentry,
+        unusable: || None,
+        attach: attach_fentry,
+        chosen: "fentry on security_bprm_check attached (Deny is carried out as SIGKILL)",
+        refused: "the fentry program was refused",
+    },
+    ExecHook {
+        program: programs::EXEC_KPROBE,
+        mode: Mode::Kprobe,
+        unusable: || None,
+        attach: attach_kprobe,
+        chosen: "kprobe on security_bprm_check attached (Deny is carried out as SIGKILL)",
+        refused: "the kprobe was refused (are kprobes built in?)",
+    },
     ExecHook {
         program: programs::EXEC_SIGKILL,
         mode: Mode::Sigkill,
         unusable: || None,
         attach: attach_exec_tracepoint,
-        chosen: "the sched_process_exec tracepoint attached",
+        chosen: "the sched_process_exec tracepoint attached (Deny is carried out as SIGKILL; a #! script is seen as its interpreter)",
         refused: "the sched_process_exec program was refused",
     },
 ];
@@ -116,6 +157,40 @@ fn attach_lsm(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<FdLink, Error> {
         .into())
 }
 
+fn attach_fentry(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<FdLink, Error> {
+    let name = programs::EXEC_FENTRY;
+    let prog: &mut FEntry = program_mut(ebpf, name)?
+        .try_into()
+        .map_err(Error::program("typing", name))?;
+    prog.load(BPRM_CHECK_FUNCTION, btf)
+        .map_err(Error::program("loading", name))?;
+    let link = prog.attach().map_err(Error::program("attaching", name))?;
+    Ok(prog
+        .take_link(link)
+        .map_err(Error::program("taking the link of", name))?
+        .into())
+}
+
+fn attach_kprobe(ebpf: &mut Ebpf, _: &aya::Btf) -> Result<FdLink, Error> {
+    let name = programs::EXEC_KPROBE;
+    let prog: &mut KProbe = program_mut(ebpf, name)?
+        .try_into()
+        .map_err(Error::program("typing", name))?;
+    prog.load().map_err(Error::program("loading", name))?;
+    let link = prog
+        .attach(BPRM_CHECK_FUNCTION, 0)
+        .map_err(Error::program("attaching", name))?;
+    let link = prog
+        .take_link(link)
+        .map_err(Error::program("taking the link of", name))?;
+    // Before 5.15 a kprobe is attached through its perf event, not a BPF link: nothing
+    // to pin, and enforcement would end with this process.
+    FdLink::try_from(link).map_err(|_| Error::Unpinnable {
+        program: name,
+        why: "this kernel attaches kprobes without a BPF link (those came in 5.15)",
+    })
+}
+
 fn attach_exec_tracepoint(ebpf: &mut Ebpf, _: &aya::Btf) -> Result<FdLink, Error> {
     attach_raw_tracepoint(ebpf, programs::EXEC_SIGKILL, "sched_process_exec")
 }
@@ -137,22 +212,21 @@ pub fn attach_exec(
         let why_not = if !requested.admits(hook.mode) {
             format!("{} mode requested", requested.as_str())
         } else if let Some(reason) = (hook.unusable)() {
-            reason
+            format!("not {}: {reason}", hook.mode.as_str())
         } else {
             match (hook.attach)(ebpf, btf).and_then(|link| pin_link(link, pin_dir, hook.program)) {
                 Ok(()) => {
                     for other in EXEC_HOOKS.iter().filter(|h| h.program != hook.program) {
                         remove_link_pin(pin_dir, other.program);
                     }
-                    let reason = if passed_over.is_empty() {
-                        hook.chosen.to_string()
-                    } else {
-                        passed_over.join("; ")
-                    };
-                    return Ok((hook.mode, reason));
+                    passed_over.push(format!("{}: {}", hook.mode.as_str(), hook.chosen));
+                    return Ok((hook.mode, passed_over.join("; ")));
                 }
                 Err(e) => {
-                    let why_not = format!("{}: {e}", hook.refused);
+                    let why_not = match e {
+                        Error::Unpinnable { .. } => format!("not {}: {e}", hook.mode.as_str()),
+                        _ => format!("not {}: {}: {e}", hook.mode.as_str(), hook.refused),
+                    };
                     last_error = Some(e);
                     why_not
                 }

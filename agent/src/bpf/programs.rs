@@ -46,6 +46,7 @@ impl Programs {
         let offsets = Btf::from_sys_fs()?.kernel_offsets()?;
         let aya_btf = aya::Btf::from_sys_fs()?;
 
+        drop_stale_offsets_pin(pin_dir);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)
@@ -75,6 +76,25 @@ impl Programs {
     /// Takes one of the object's maps out, for the map writer.
     pub(super) fn take_map(&mut self, name: &'static str) -> Result<Map, Error> {
         take_map(&mut self.ebpf, name)
+    }
+}
+
+/// OFFSETS is rewritten from BTF by every agent, so a pin left by an agent whose
+/// `KernelOffsets` had another layout is replaced rather than reused: reusing it would make
+/// the new programs fail verification. The old programs keep their own reference to it.
+fn drop_stale_offsets_pin(pin_dir: &Path) {
+    let path = pin_dir.join(pins::OFFSETS);
+    let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+        return;
+    };
+    let want = std::mem::size_of::<KernelOffsets>() as u32;
+    if info.value_size() != want {
+        tracing::info!(
+            old = info.value_size(),
+            new = want,
+            "replacing the pinned OFFSETS map of an agent with another layout"
+        );
+        let _ = std::fs::remove_file(&path);
     }
 }
 

@@ -374,12 +374,16 @@ impl Outcome {
 
 /// Runs `program args` with the child moved into `cgroup` before it execs, in `cwd`.
 pub fn run_in(cgroup: &Cgroup, cwd: &Path, program: &str, args: &[&str]) -> Outcome {
-    let procs = CString::new(cgroup.path.join("cgroup.procs").to_str().unwrap()).unwrap();
     let mut cmd = Command::new(program);
-    cmd.args(args)
-        .current_dir(cwd)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    cmd.args(args).current_dir(cwd);
+    join_before_exec(&mut cmd, cgroup);
+    outcome_of(&mut cmd)
+}
+
+/// Makes `cmd`'s child move itself into `cgroup` between fork and exec. `pre_exec` steps
+/// added after this one run inside the cgroup, so an exec they make is covered too.
+pub fn join_before_exec(cmd: &mut Command, cgroup: &Cgroup) {
+    let procs = CString::new(cgroup.path.join("cgroup.procs").to_str().unwrap()).unwrap();
     // SAFETY: only async-signal-safe calls (open/write/close) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -396,11 +400,16 @@ pub fn run_in(cgroup: &Cgroup, cwd: &Path, program: &str, args: &[&str]) -> Outc
             }
         });
     }
+}
+
+/// Runs `cmd` to the end, output discarded, and classifies what became of its exec.
+pub fn outcome_of(cmd: &mut Command) -> Outcome {
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
     match cmd.status() {
         Ok(status) if status.signal() == Some(libc::SIGKILL) => Outcome::Killed,
         Ok(status) => Outcome::Ran(status),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => Outcome::ExecDenied,
-        Err(e) => panic!("running {program}: {e}"),
+        Err(e) => panic!("running {:?}: {e}", cmd.get_program()),
     }
 }
 

@@ -32,7 +32,7 @@ agent_starts() {
     mode "$m"
     case $m in
     lsm) lsm_has_bpf || fail "the agent claims LSM mode but bpf is not an active LSM" "$why" ;;
-    sigkill) ;;
+    fentry | kprobe | sigkill) ;;
     *) fail "unknown enforcement mode '$m'" "$status" ;;
     esac
     pass "$m${why:+: $why}"

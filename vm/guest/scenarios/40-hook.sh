@@ -277,7 +277,7 @@ hk_refused_by_kernel() {
             ;;
         esac
         ;;
-    sigkill)
+    fentry | kprobe | sigkill)
         [ "$HK_RC" = 137 ] || {
             echo "exit status $HK_RC, not 137 (SIGKILL): $HK_OUT"
             return 1
@@ -330,7 +330,7 @@ hook_first_instruction() {
     wait_for 30 _all_events || fail "not every start has a '$act' event naming its container and pod" \
         "$(agent_events | tail -n 3)"
     local how="EPERM at exec"
-    [ "$MODE" = sigkill ] && how="SIGKILL (exit 137)"
+    [ "$MODE" = lsm ] || how="SIGKILL (exit 137)"
     pass "$refused/$n refused ($MODE: $how; $par at a time), first line never ran; $n/$n '$act' events name pod and container; $HK_VERSION"
 }
 
@@ -408,7 +408,7 @@ hk_exec_refused() {
         return 1
         ;;
     esac ;;
-    sigkill) [ "$HK_RC" = 137 ] || {
+    fentry | kprobe | sigkill) [ "$HK_RC" = 137 ] || {
         echo "status $HK_RC, not 137 (SIGKILL): $HK_OUT"
         return 1
     } ;;

@@ -12,6 +12,9 @@ use anyhow::{bail, Context, Result};
 /// The guest mounts the host root and the results directory over virtio-9p and layers
 /// writable overlays onto it.
 pub const WANTED_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay"];
+/// Loaded when the kernel has them as modules; tests that need them skip otherwise (the
+/// agent's kernel tests register a binfmt_misc handler).
+pub const OPTIONAL_MODULES: &[&str] = &["binfmt_misc"];
 
 /// A kernel unpacked from its Debian package(s).
 #[derive(Debug, Clone)]
@@ -212,17 +215,20 @@ fn resolve_modules(modules: &Path, wanted: &[&str]) -> Result<Vec<(String, Vec<u
     Ok(order)
 }
 
-/// Builds `out` (gzip'd newc cpio) unless it is newer than its inputs.
+/// Builds `out` (gzip'd newc cpio) unless it is newer than its inputs and holds the
+/// modules wanted now.
 pub fn build(kernel: &KernelTree, busybox: &Path, init: &Path, out: &Path) -> Result<bool> {
     let newest_input = [busybox, init, kernel.vmlinuz.as_path()]
         .iter()
         .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
         .max();
+    let module_stamp = out.with_extension("modules");
+    let wanted = format!("{WANTED_MODULES:?} {OPTIONAL_MODULES:?}");
     if let (Ok(m), Some(newest)) = (
         std::fs::metadata(out).and_then(|m| m.modified()),
         newest_input,
     ) {
-        if m >= newest {
+        if m >= newest && std::fs::read_to_string(&module_stamp).ok() == Some(wanted.clone()) {
             return Ok(false);
         }
     }
@@ -243,7 +249,15 @@ pub fn build(kernel: &KernelTree, busybox: &Path, init: &Path, out: &Path) -> Re
     copy_exec(busybox, &staging.join("bin/busybox"))?;
     copy_exec(init, &staging.join("init"))?;
     let mut list = String::new();
-    for (name, ko) in resolve_modules(&kernel.modules, WANTED_MODULES)? {
+    let mut modules = resolve_modules(&kernel.modules, WANTED_MODULES)?;
+    for optional in OPTIONAL_MODULES {
+        for (name, ko) in resolve_modules(&kernel.modules, &[optional]).unwrap_or_default() {
+            if !modules.iter().any(|(n, _)| *n == name) {
+                modules.push((name, ko));
+            }
+        }
+    }
+    for (name, ko) in modules {
         std::fs::write(staging.join(format!("lib/modules/{name}.ko")), ko)?;
         list.push_str(&name);
         list.push('\n');
@@ -260,6 +274,7 @@ pub fn build(kernel: &KernelTree, busybox: &Path, init: &Path, out: &Path) -> Re
             .current_dir(&staging),
     )?;
     std::fs::rename(&tmp, out)?;
+    std::fs::write(&module_stamp, wanted)?;
     std::fs::remove_dir_all(&staging)?;
     Ok(true)
 }

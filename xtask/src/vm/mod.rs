@@ -92,8 +92,10 @@ pub struct E2eArgs {
     /// the README's "e2e matrix" section, failures included: that is what users read.
     #[arg(long)]
     pub update_readme: bool,
-    /// What the guest runs instead of the suite (`cargo xtask demo`).
-    #[arg(skip)]
+    /// A shell command the guest runs instead of the suite, in the suite's environment
+    /// (e.g. a benchmark binary; `cargo xtask demo` uses it too). Its output is in
+    /// `e2e/<kernel>/console.log`; the matrix then has no scenario results.
+    #[arg(long = "guest-command", value_name = "SHELL")]
     pub command: Option<String>,
 }
 
