@@ -4,10 +4,13 @@
 //!   Tetragon (same package, names and field numbers), spoken by the OCI hook.
 //! * [`v1`]: the agent's own `rthooks.v1.Agent` service (status, containers, policies,
 //!   events) used by `rthooksctl`.
+//!
+//! Without features only the messages are built (prost, no tonic); `client` adds the tonic
+//! clients and [`client::connect_unix`], `server` the service traits and servers.
 
 pub mod tetragon {
     #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("tetragon");
+    include!(concat!(env!("OUT_DIR"), "/tetragon.rs"));
 }
 
 /// Nested as the proto package is (`rthooks.v1`), so that generated cross-package paths
@@ -15,7 +18,7 @@ pub mod tetragon {
 pub mod rthooks {
     pub mod v1 {
         #![allow(clippy::all, missing_docs)]
-        tonic::include_proto!("rthooks.v1");
+        include!(concat!(env!("OUT_DIR"), "/rthooks.v1.rs"));
     }
 }
 pub use rthooks::v1;
@@ -25,6 +28,17 @@ pub const DEFAULT_AGENT_ADDRESS: &str = "unix:///run/rthooks/agent.sock";
 /// Annotation carrying the pod's labels as a JSON object (set by our NRI plugin).
 pub const POD_LABELS_ANNOTATION: &str = "rthooks.io/pod-labels";
 
+/// The socket path of an address in `unix:///path`, `unix:/path` or `/path` form.
+pub fn socket_path(address: &str) -> Option<std::path::PathBuf> {
+    let path = address
+        .strip_prefix("unix://")
+        .or_else(|| address.strip_prefix("unix:"))
+        .unwrap_or(address);
+    path.starts_with('/')
+        .then(|| std::path::PathBuf::from(path))
+}
+
+#[cfg(feature = "client")]
 pub mod client {
     //! Dialing the agent over a UNIX socket (`unix:///path` or a bare path).
     use std::path::PathBuf;
@@ -32,14 +46,7 @@ pub mod client {
 
     use tonic::transport::{Channel, Endpoint, Uri};
 
-    /// The socket path of an address in `unix:///path`, `unix:/path` or `/path` form.
-    pub fn socket_path(address: &str) -> Option<PathBuf> {
-        let path = address
-            .strip_prefix("unix://")
-            .or_else(|| address.strip_prefix("unix:"))
-            .unwrap_or(address);
-        path.starts_with('/').then(|| PathBuf::from(path))
-    }
+    pub use crate::socket_path;
 
     /// A channel to the agent's UNIX socket; connects lazily on first use unless
     /// `connect_timeout` is given, in which case it connects now.

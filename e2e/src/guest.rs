@@ -4,7 +4,7 @@
 //! seconds, enforcement_mode, uname`).
 //!
 //! Scenarios share one stack per group and release: `nri_*` and `why_hooks` the NRI
-//! plugin's, `base_spec_*` containerd configured by `rthooks-oci-hook install
+//! plugin's, `base_spec_*` containerd configured by `rthooks-setup install
 //! containerd-base-spec` (no NRI), `*systemd*` runc's systemd cgroup driver (skipped
 //! without systemd). "The entrypoint never ran" is proven by entrypoints that would
 //! write a file into a hostPath mount; an unselected container writing its file is the

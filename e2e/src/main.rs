@@ -34,8 +34,8 @@ enum Cmd {
         /// The results file (JSON lines).
         #[arg(long)]
         results: PathBuf,
-        /// Where rthooks-agent, rthooksctl, rthooks-oci-hook and rthooks-nri-hook are
-        /// (default: this binary's directory).
+        /// Where rthooks-agent, rthooksctl, rthooks-oci-hook, rthooks-setup and
+        /// rthooks-nri-hook are (default: this binary's directory).
         #[arg(long, env = "RTHOOKS_BIN_DIR")]
         bin_dir: Option<PathBuf>,
         /// Only scenarios whose name contains this (alternatives separated by `|`).

@@ -16,7 +16,7 @@ use crate::containerd::{Containerd, Options, Release};
 pub enum HookPath {
     /// `rthooks-nri-hook` injects it (NRI on).
     Nri,
-    /// containerd's `base_runtime_spec` carries it, as `rthooks-oci-hook install
+    /// containerd's `base_runtime_spec` carries it, as `rthooks-setup install
     /// containerd-base-spec` sets up; NRI off, no plugin.
     BaseSpec,
 }
@@ -30,6 +30,8 @@ pub struct Binaries {
     pub ctl: PathBuf,
     /// `rthooks-oci-hook`.
     pub hook: PathBuf,
+    /// `rthooks-setup` (the installers).
+    pub setup: PathBuf,
     /// `rthooks-nri-hook`.
     pub nri: PathBuf,
 }
@@ -41,9 +43,10 @@ impl Binaries {
             agent: dir.join("rthooks-agent"),
             ctl: dir.join("rthooksctl"),
             hook: dir.join("rthooks-oci-hook"),
+            setup: dir.join("rthooks-setup"),
             nri: dir.join("rthooks-nri-hook"),
         };
-        for p in [&b.agent, &b.ctl, &b.hook, &b.nri] {
+        for p in [&b.agent, &b.ctl, &b.hook, &b.setup, &b.nri] {
             if !p.is_file() {
                 bail!("{} is not built", p.display());
             }
@@ -203,12 +206,12 @@ impl Stack {
         self.dir.path().join("base-spec.json")
     }
 
-    /// Runs the real installer (`rthooks-oci-hook install containerd-base-spec`) against
+    /// Runs the real installer (`rthooks-setup install containerd-base-spec`) against
     /// the prepared, not yet running containerd's config: the spec comes from that
     /// release's `ctr oci spec`, the hook is copied into the scratch dir.
     fn install_base_spec(&self) -> Result<()> {
         let d = self.dir.path();
-        let mut cmd = Command::new(&self.bins.hook);
+        let mut cmd = Command::new(&self.bins.setup);
         cmd.args(["install", "containerd-base-spec", "--install-dir"])
             .arg(d.join("opt"))
             .arg("--binary")

@@ -25,7 +25,7 @@ pub const BINARY_NAME: &str = "rthooks-oci-hook";
     name = "rthooks-oci-hook",
     version,
     about = "OCI hook that registers containers with rthooks-agent (Tetragon-compatible flags).",
-    after_help = "Installers: rthooks-oci-hook install|uninstall <hooks-d|containerd-base-spec|containerd-nri> --help"
+    after_help = "Installers (a separate binary): rthooks-setup install|uninstall <hooks-d|containerd-base-spec|containerd-nri> --help"
 )]
 pub struct HookArgs {
     /// Hook stage: createRuntime (registers the container), createContainer, poststop.

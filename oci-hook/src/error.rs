@@ -1,7 +1,7 @@
 //! The library's one error type.
 use std::path::PathBuf;
 
-/// Everything that can go wrong while handling one hook invocation or installing.
+/// Everything that can go wrong while handling one hook invocation.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("reading the OCI state from stdin: {0}")]
@@ -44,8 +44,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Install(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -110,7 +110,7 @@ impl Target {
     /// `unix:///path`, `unix:/path`, `/path`, or, as Tetragon's hook also accepts,
     /// `host:port`, `tcp://host:port`, `http://host:port`, `dns:///host:port`.
     pub fn parse(address: &str) -> Target {
-        if let Some(p) = rthooks_api::client::socket_path(address) {
+        if let Some(p) = rthooks_api::socket_path(address) {
             return Target::Unix(p);
         }
         let hostport = address

@@ -7,9 +7,9 @@
 //! Modules: [`state`] (stdin state, `config.json`), [`cgroup`] (cgroupsPath forms),
 //! [`identity`] (annotations), [`config`] (flags, env, file), [`policy`] (failure rule),
 //! [`log`] (rotated JSON log), [`agent`] (the agent's methods), [`grpc`] and [`hpack`]
-//! (a one-call HTTP/2 gRPC client), [`hook`] (one invocation),
-//! [`install`] (hooks.d, containerd base spec, containerd NRI), [`alloc`] (the binary's
-//! allocator).
+//! (a one-call HTTP/2 gRPC client), [`hook`] (one invocation), [`alloc`] (the binary's
+//! allocator). The installers live in their own crate and binary, `rthooks-setup`, so
+//! the binary the runtime executes for every container holds only the hook.
 pub mod agent;
 pub mod alloc;
 pub mod cgroup;
@@ -19,7 +19,6 @@ pub mod grpc;
 pub mod hook;
 pub mod hpack;
 pub mod identity;
-pub mod install;
 pub mod log;
 pub mod policy;
 pub mod state;

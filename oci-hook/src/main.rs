@@ -1,5 +1,5 @@
-//! `rthooks-oci-hook <stage> [flags]` (run by the container runtime) and
-//! `rthooks-oci-hook install|uninstall <target> [flags]` (run by an admin or a DaemonSet).
+//! `rthooks-oci-hook <stage> [flags]`, run by the container runtime. The installers are
+//! `rthooks-setup`.
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
@@ -11,13 +11,14 @@ static ALLOC: rthooks_oci_hook::alloc::OneShotAlloc = rthooks_oci_hook::alloc::O
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     match args.get(1).and_then(|a| a.to_str()) {
-        Some("install") | Some("uninstall") => match rthooks_oci_hook::install::main(&args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("rthooks-oci-hook: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        // The old spelling: say where the installers went rather than "unknown stage".
+        Some(verb @ ("install" | "uninstall")) => {
+            eprintln!(
+                "rthooks-oci-hook: the installers are a separate binary now: run `rthooks-setup {verb} \
+                 <hooks-d|containerd-base-spec|containerd-nri> [flags]` (same flags; see `rthooks-setup --help`)"
+            );
+            ExitCode::from(2)
+        }
         _ => hook(args),
     }
 }

@@ -298,6 +298,13 @@ fn binary_end_to_end() {
     assert!(String::from_utf8(o.stderr)
         .unwrap()
         .contains("unsupported hook stage"));
+    // The installers' old spelling names their new binary, and writes nothing.
+    for verb in ["install", "uninstall"] {
+        let o = run_bin(&[verb, "hooks-d"], "", d.path());
+        assert_eq!(o.status.code(), Some(2), "{o:?}");
+        let err = String::from_utf8(o.stderr).unwrap();
+        assert!(err.contains(&format!("rthooks-setup {verb}")), "{err}");
+    }
     let lines = std::fs::read_to_string(&log).unwrap();
     assert_eq!(lines.lines().count(), 6, "{lines}");
 }

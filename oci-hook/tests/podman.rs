@@ -1,5 +1,5 @@
-//! As root, with real podman (runc runtime) and the real agent: our `install hooks-d`
-//! output is what podman reads, and the hook registers a podman container.
+//! As root, with real podman (runc runtime) and the real agent: `rthooks-setup install
+//! hooks-d`'s output is what podman reads, and the hook registers a podman container.
 mod common;
 
 use std::path::Path;
@@ -47,8 +47,10 @@ fn podman_runs_the_hook_from_our_hooks_d_file() {
     let log = t.join("hook.log");
 
     let install = |verb: &str| {
-        Command::new(hook_exe())
+        Command::new(setup_exe())
             .args([verb, "hooks-d", "--poststop"])
+            .arg("--binary")
+            .arg(hook_exe())
             .arg("--hooks-dir")
             .arg(&hooks_dir)
             .arg("--install-dir")

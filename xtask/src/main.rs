@@ -51,7 +51,8 @@ enum Command {
     E2e(vm::E2eArgs),
 }
 
-/// Every binary in release, and the hook again for musl: that one is what nodes run.
+/// Every binary in release, and the hook and its installer again for musl: those are what
+/// nodes run (static, so the installer container needs no libc either).
 fn build_release() -> Result<()> {
     util::cargo(&["build", "--release", "--bins"])?;
     let target = util::target_dir();
@@ -63,13 +64,14 @@ fn build_release() -> Result<()> {
             setup::MUSL_TARGET,
             "-p",
             "rthooks-oci-hook",
+            "-p",
+            "rthooks-setup",
         ])?;
+        let dir = target.join(setup::MUSL_TARGET).join("release");
         eprintln!(
-            "build: the hook to deploy: {}",
-            target
-                .join(setup::MUSL_TARGET)
-                .join("release/rthooks-oci-hook")
-                .display()
+            "build: the hook to deploy: {} (install it with {})",
+            dir.join("rthooks-oci-hook").display(),
+            dir.join("rthooks-setup").display()
         );
     } else {
         eprintln!(

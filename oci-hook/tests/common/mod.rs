@@ -83,21 +83,31 @@ pub fn hook_exe() -> PathBuf {
 /// The agent binary: `RTHOOKS_AGENT_BIN`, else beside this build's binaries (`cargo xtask
 /// test` builds every binary first), else another profile's.
 pub fn agent_exe() -> PathBuf {
-    if let Some(p) = std::env::var_os("RTHOOKS_AGENT_BIN") {
+    workspace_binary("rthooks-agent", "RTHOOKS_AGENT_BIN")
+}
+
+/// The installers' binary, found as [`agent_exe`] finds the agent.
+pub fn setup_exe() -> PathBuf {
+    workspace_binary("rthooks-setup", "RTHOOKS_SETUP_BIN")
+}
+
+/// Another package's binary: `$env`, else beside this build's binaries, else another
+/// profile's.
+fn workspace_binary(name: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return p.into();
     }
     let hook = hook_exe();
     let profile_dir = hook.parent().unwrap().to_owned();
     let target = profile_dir.parent().unwrap().to_owned();
     for d in [profile_dir, target.join("debug"), target.join("release")] {
-        let p = d.join("rthooks-agent");
+        let p = d.join(name);
         if p.is_file() {
             return p;
         }
     }
     panic!(
-        "rthooks-agent binary not found beside {}: build it first (`cargo build -p rthooks-agent`) \
-         or set RTHOOKS_AGENT_BIN",
+        "{name} binary not found beside {}: build it first (`cargo build -p {name}`) or set {env}",
         hook.display()
     );
 }

@@ -63,10 +63,12 @@ hk_setup() {
     podman)
         PM=$u/usr/bin/podman
         [ -x "$PM" ] || skip "podman is not unpacked (cargo xtask vm)"
-        local out
-        out=$("$HOOK" install hooks-d --hooks-dir "$W/hooks.d" --install-dir "$W/opt" \
+        local out setup
+        setup=$(bin rthooks-setup)
+        [ -x "$setup" ] || skip "rthooks-setup is not built"
+        out=$("$setup" install hooks-d --binary "$HOOK" --hooks-dir "$W/hooks.d" --install-dir "$W/opt" \
             --state-dir "$W/install-state" --hook-timeout "$HK_HOOK_TIMEOUT" "${HK_HOOK_ARGS[@]/#/--hook-arg=}" 2>&1) ||
-            fail "rthooks-oci-hook install hooks-d failed" "$out"
+            fail "rthooks-setup install hooks-d failed" "$out"
         echo "$out"
         cat "$W/hooks.d/rthooks.json" || fail "install hooks-d wrote no $W/hooks.d/rthooks.json"
         PM_OPTS=(--root "$W/pm/root" --runroot "$W/pm/runroot" --tmpdir "$W/pm/tmp"

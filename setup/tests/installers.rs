@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use rthooks_oci_hook::install::{self, Cli, Target};
+use rthooks_setup::{self as install, Cli, Target};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -42,7 +42,7 @@ fn snapshot(dirs: &[&Path]) -> BTreeMap<PathBuf, (Vec<u8>, u32, std::time::Syste
 }
 
 fn target(args: &[&str]) -> Target {
-    let mut v = vec!["rthooks-oci-hook", "install"];
+    let mut v = vec!["rthooks-setup", "install"];
     v.extend_from_slice(args);
     match Cli::try_parse_from(v).unwrap().action {
         install::Action::Install { target } | install::Action::Uninstall { target } => target,
@@ -545,7 +545,7 @@ fn symlinked_config_stays_a_symlink() {
 #[test]
 fn the_sample_hooks_d_file_in_deploy_is_what_the_installer_writes_by_default() {
     let sample = include_str!("../../deploy/hooks.d/rthooks.json");
-    let doc = rthooks_oci_hook::install::hooks_d_json(
+    let doc = rthooks_setup::hooks_d_json(
         std::path::Path::new("/opt/rthooks/rthooks-oci-hook"),
         &["rthooks-oci-hook".to_string(), "createRuntime".to_string()],
         5,
@@ -556,5 +556,68 @@ fn the_sample_hooks_d_file_in_deploy_is_what_the_installer_writes_by_default() {
     assert_eq!(
         sample, text,
         "deploy/hooks.d/rthooks.json drifted from the installer"
+    );
+}
+
+/// The binary as a DaemonSet runs it: without `--binary` it installs the
+/// `rthooks-oci-hook` beside itself, and says so when there is none; errors exit 1 with
+/// one `rthooks-setup:` line that keeps the cause.
+#[test]
+fn the_binary_installs_the_hook_beside_it_by_default() {
+    let e = Env::new();
+    let release = e.root.join("release");
+    std::fs::create_dir(&release).unwrap();
+    let setup = release.join("rthooks-setup");
+    std::fs::copy(env!("CARGO_BIN_EXE_rthooks-setup"), &setup).unwrap();
+    let run = |verb: &str| {
+        std::process::Command::new(&setup)
+            .args([verb, "hooks-d", "--hooks-dir"])
+            .arg(e.root.join("hooks.d"))
+            .arg("--install-dir")
+            .arg(e.root.join("opt"))
+            .output()
+            .unwrap()
+    };
+    let o = run("install");
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(
+        err.starts_with("rthooks-setup: no rthooks-oci-hook beside") && err.contains("--binary"),
+        "{err}"
+    );
+    assert!(!e.root.join("hooks.d").exists());
+
+    std::fs::copy(&e.bin, release.join("rthooks-oci-hook")).unwrap();
+    let o = run("install");
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        std::fs::read(e.root.join("opt/rthooks-oci-hook")).unwrap(),
+        std::fs::read(&e.bin).unwrap()
+    );
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(e.root.join("hooks.d/rthooks.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        doc["hook"]["path"],
+        e.root.join("opt/rthooks-oci-hook").to_str().unwrap()
+    );
+    assert!(run("uninstall").status.success());
+    assert!(!e.root.join("hooks.d/rthooks.json").exists());
+    assert!(!e.root.join("opt/rthooks-oci-hook").exists());
+
+    // A cause survives into the message: an unreadable containerd config names the file
+    // and the OS error.
+    let o = std::process::Command::new(&setup)
+        .args(["install", "containerd-nri", "--containerd-config"])
+        .arg(e.root.join("missing.toml"))
+        .arg("--state-dir")
+        .arg(e.root.join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(
+        err.contains("missing.toml") && err.contains("No such file or directory"),
+        "{err}"
     );
 }
