@@ -12,7 +12,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -56,7 +56,6 @@ fn per_exec(d: Duration) -> f64 {
 /// (run_cnt, run_time_ns) of the program behind the pinned exec link.
 fn program_stats(agent: &Agent) -> Option<(u64, u64)> {
     use rthooks_common::programs;
-    use std::os::fd::AsRawFd;
     let link = [
         programs::EXEC_LSM,
         programs::EXEC_FENTRY,
@@ -96,6 +95,7 @@ fn map_memlock(fd: i32) -> Option<u64> {
 }
 
 /// bpf(2) with `attr`, a `#[repr(C)]` prefix of the kernel's `union bpf_attr` for `cmd`.
+/// Neither nix nor rustix wraps bpf(2), and aya creates maps only from an object.
 ///
 /// # Safety
 /// Every pointer inside `attr` must be valid for what `cmd` reads or writes through it.
@@ -146,7 +146,9 @@ fn containers_map_memory(n: u64) -> Option<(u64, u64, u64)> {
     if fd < 0 {
         return None;
     }
-    let fd = fd as i32;
+    // SAFETY: a new descriptor that nothing else owns.
+    let map = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let fd = map.as_raw_fd();
     let empty = map_memlock(fd);
     let mut value = ContainerPolicies::default();
     value.policies.words = [u64::MAX; rthooks_common::POLICY_WORDS];
@@ -167,8 +169,7 @@ fn containers_map_memory(n: u64) -> Option<(u64, u64, u64)> {
         inserted += 1;
     }
     let filled = map_memlock(fd);
-    // SAFETY: fd is ours and closed once.
-    unsafe { libc::close(fd) };
+    drop(map);
     Some((empty?, filled?, inserted))
 }
 

@@ -1,48 +1,82 @@
 //! The running agent: the model (`state`), the BPF maps and the persistence behind one
 //! lock, and the operations the gRPC services, the policy directory watcher, the event
 //! reader and the reconciler perform on them.
+//!
+//! A panic while the lock is held (a bug anywhere below) must not leave the node failing
+//! closed for every later container. The lock is taken through [`Agent::lock`] only: when
+//! a panic poisoned it, the next caller rebuilds the model the way a starting agent does
+//! (the saved state over what the maps hold, then the maps made to match) and clears the
+//! poison, so the change the panic interrupted is either complete or undone everywhere.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use rthooks_api::tetragon::CreateContainer;
 use rthooks_api::v1;
+use rthooks_common::Event;
 use tokio::sync::broadcast;
 
-use crate::bpf::{MapWriter, Mode};
+use crate::bpf::Mode;
 use crate::cgroup;
 use crate::error::Error;
 use crate::identity::{ContainerIdentity, RequestFields};
 use crate::metrics::{Gauges, Metrics};
 use crate::policy::{parse_policies, Policy, PolicyKey};
-use crate::state::{ContainerRecord, PolicyRecord, PolicySource, State, Store};
+use crate::state::{ContainerRecord, MapSink, PolicyRecord, PolicySource, State, Store};
 
-pub struct Inner {
-    pub state: State,
-    pub maps: MapWriter,
+/// The map writer the agent drives: the pinned BPF maps, or a recorder in tests.
+pub type Maps = Box<dyn MapSink + Send>;
+
+/// A policy file as last read.
+struct PolicyFile {
+    mtime: SystemTime,
+    len: u64,
+    /// The policies it defined.
+    keys: Vec<PolicyKey>,
+}
+
+/// Everything behind the lock.
+struct Inner {
+    state: State,
+    maps: Maps,
     store: Store,
-    /// Policy files as last read: path → (mtime, len, keys it defined).
-    files: HashMap<PathBuf, (SystemTime, u64, Vec<PolicyKey>)>,
+    files: HashMap<PathBuf, PolicyFile>,
+}
+
+/// What a restore found.
+struct Restored {
+    containers: usize,
+    dropped: usize,
+    policies: usize,
 }
 
 pub struct Agent {
-    pub inner: Mutex<Inner>,
-    pub cgroup_root: PathBuf,
-    pub trust_label_annotation: bool,
-    pub mode: Mode,
-    pub mode_reason: String,
-    pub kernel_release: String,
-    pub events: broadcast::Sender<v1::Event>,
-    pub metrics: Metrics,
-    pub policy_dir: PathBuf,
+    inner: Mutex<Inner>,
+    cgroup_root: PathBuf,
+    trust_label_annotation: bool,
+    mode: Mode,
+    mode_reason: String,
+    kernel_release: String,
+    events: broadcast::Sender<v1::Event>,
+    metrics: Metrics,
+    policy_dir: PathBuf,
+}
+
+/// What the agent knows about the subjects of one exec record.
+pub struct ExecContext {
+    /// `name:deny|kill|audit` for every policy involved.
+    pub policies: Vec<String>,
+    /// The path a policy named it by, when one did.
+    pub binary: Option<String>,
+    pub container: Option<v1::Container>,
 }
 
 impl Agent {
     /// Builds the agent around loaded programs, restoring the saved state and making the
     /// maps match it exactly.
     pub fn new(
-        maps: MapWriter,
+        maps: Maps,
         mode: Mode,
         mode_reason: String,
         state_dir: &Path,
@@ -50,34 +84,17 @@ impl Agent {
         policy_dir: PathBuf,
         trust_label_annotation: bool,
     ) -> Result<Agent, Error> {
-        let store = Store::open(state_dir)?;
-        let snapshot = store.load()?;
-        let (containers, binaries, levels) = maps.map_contents();
-        let mut state = State::with_map_contents(containers, binaries, levels);
-        let restored = (snapshot.containers.len(), snapshot.policies.len());
-        state.restore(snapshot);
         let mut inner = Inner {
-            state,
+            state: State::new(),
             maps,
-            store,
+            store: Store::open(state_dir)?,
             files: HashMap::new(),
         };
-        // Containers whose cgroup went away while the agent was down.
-        let gone: Vec<u64> = inner
-            .state
-            .containers()
-            .filter(|c| !cgroup_alive(&cgroup_root, c))
-            .map(|c| c.cgroup_id)
-            .collect();
-        for id in &gone {
-            inner.state.forget_removed_cgroup(*id, &mut inner.maps)?;
-            inner.store.delete_container(*id)?;
-        }
-        inner.state.full_sync(&mut inner.maps)?;
+        let restored = inner.restore(&cgroup_root)?;
         tracing::info!(
-            containers = restored.0 - gone.len(),
-            dropped = gone.len(),
-            policies = restored.1,
+            containers = restored.containers,
+            dropped = restored.dropped,
+            policies = restored.policies,
             "state restored"
         );
         Ok(Agent {
@@ -91,6 +108,48 @@ impl Agent {
             metrics: Metrics::default(),
             policy_dir,
         })
+    }
+
+    /// The only way to the state. Recovers from a poisoned lock (see the module doc).
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|poisoned| {
+            let mut inner = poisoned.into_inner();
+            tracing::error!(
+                "a panic interrupted a change of the agent's state; rebuilding it from the state directory and the maps"
+            );
+            match inner.restore(&self.cgroup_root) {
+                Ok(r) => tracing::info!(
+                    containers = r.containers,
+                    dropped = r.dropped,
+                    policies = r.policies,
+                    "state rebuilt"
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "rebuilding the state failed; going on with the state the panic left"
+                ),
+            }
+            self.inner.clear_poison();
+            inner
+        })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Enforcement events as they happen.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<v1::Event> {
+        self.events.subscribe()
+    }
+
+    pub fn publish_event(&self, event: v1::Event) {
+        // No subscriber is no error.
+        let _ = self.events.send(event);
     }
 
     /// RuntimeHook CreateContainer (and NRI Synchronize reports): resolve, identify,
@@ -132,99 +191,47 @@ impl Agent {
             covered,
             source: source.to_string(),
         };
-        let mut guard = self.inner.lock().unwrap();
-        let inner = &mut *guard;
-        // A later report without the hook must not erase that the hook did run.
-        let mut rec = rec;
-        if let Some(prev) = inner.state.container(rec.cgroup_id) {
-            rec.covered |= prev.covered && prev.identity.container_id == rec.identity.container_id;
-        }
-        inner.store.save_container(&rec)?;
-        if let Err(e) = inner.state.upsert_container(rec.clone(), &mut inner.maps) {
-            let _ = inner.store.delete_container(rec.cgroup_id);
-            return Err(e);
-        }
-        Ok(rec)
+        self.lock().register(rec)
     }
 
     pub fn remove_container(&self, container_id: &str) -> Result<bool, Error> {
-        let mut guard = self.inner.lock().unwrap();
-        let inner = &mut *guard;
-        let Some(id) = inner.state.cgroup_of_container_id(container_id) else {
-            return Ok(false);
-        };
-        inner.state.remove_container(id, &mut inner.maps)?;
-        inner.store.delete_container(id)?;
-        Ok(true)
+        self.lock().remove_container(container_id)
     }
 
     /// The kernel removed a registered cgroup (its map entry is already gone).
     pub fn cgroup_removed(&self, cgroup_id: u64) {
-        let mut guard = self.inner.lock().unwrap();
-        let inner = &mut *guard;
-        match inner
-            .state
-            .forget_removed_cgroup(cgroup_id, &mut inner.maps)
-        {
-            Ok(Some(c)) => {
-                let _ = inner.store.delete_container(cgroup_id);
-                tracing::info!(container = %c.identity.container_id, cgroup_id, "cgroup removed; container forgotten");
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(cgroup_id, error = %e, "dropping a removed cgroup failed"),
-        }
+        self.lock().cgroup_removed(cgroup_id);
     }
 
     /// Drops containers whose cgroup no longer exists (periodic; the BPF rmdir program
     /// normally does it first, this catches anything missed, e.g. while the agent was down).
     pub fn reconcile(&self) -> usize {
-        let gone: Vec<u64> = {
-            let inner = self.inner.lock().unwrap();
-            inner
-                .state
-                .containers()
-                .filter(|c| !cgroup_alive(&self.cgroup_root, c))
-                .map(|c| c.cgroup_id)
-                .collect()
-        };
+        let mut inner = self.lock();
+        let gone = inner.gone_containers(&self.cgroup_root);
         for id in &gone {
-            self.cgroup_removed(*id);
+            inner.cgroup_removed(*id);
         }
         gone.len()
     }
 
     pub fn add_policy(&self, policy: Policy, source: PolicySource) -> Result<PolicyRecord, Error> {
-        let mut guard = self.inner.lock().unwrap();
-        let inner = &mut *guard;
-        let key = policy.key();
-        inner.state.upsert_policy(policy, source, &mut inner.maps)?;
-        inner.store.save_policies(inner.state.policies())?;
-        let rec = inner
-            .state
-            .policies()
-            .find(|p| p.policy.key() == key)
-            .cloned();
-        Ok(rec.expect("just added"))
+        self.lock().add_policy(policy, source)
     }
 
-    pub fn delete_policy(&self, key: &PolicyKey, from_api: bool) -> Result<(), Error> {
-        let mut guard = self.inner.lock().unwrap();
-        let inner = &mut *guard;
-        if from_api {
-            if let Some(p) = inner.state.policies().find(|p| &p.policy.key() == key) {
-                if matches!(p.source, PolicySource::File(_)) {
-                    return Err(Error::PolicyFromFile(key.to_string()));
-                }
+    /// Deletes a policy through the API: one from a file is refused.
+    pub fn delete_policy(&self, key: &PolicyKey) -> Result<(), Error> {
+        let mut inner = self.lock();
+        if let Some(p) = inner.state.policies().find(|p| &p.policy.key() == key) {
+            if matches!(p.source, PolicySource::File(_)) {
+                return Err(Error::PolicyFromFile(key.to_string()));
             }
         }
-        inner.state.delete_policy(key, &mut inner.maps)?;
-        inner.store.save_policies(inner.state.policies())?;
-        Ok(())
+        inner.delete_policy(key)
     }
 
     /// Dry run: the known containers `policy` would select.
     pub fn check_policy(&self, policy: &Policy) -> Vec<v1::Container> {
-        let inner = self.inner.lock().unwrap();
+        let inner = self.lock();
         inner
             .state
             .containers()
@@ -234,7 +241,7 @@ impl Agent {
     }
 
     pub fn list_containers(&self) -> Vec<v1::Container> {
-        let inner = self.inner.lock().unwrap();
+        let inner = self.lock();
         inner
             .state
             .containers()
@@ -243,14 +250,32 @@ impl Agent {
     }
 
     pub fn list_policies(&self) -> Vec<v1::Policy> {
-        let inner = self.inner.lock().unwrap();
-        inner.state.policies().map(to_api_policy).collect()
+        self.lock().state.policies().map(to_api_policy).collect()
+    }
+
+    /// The policies, binary and container an exec record names.
+    pub fn exec_context(&self, ev: &Event) -> ExecContext {
+        let inner = self.lock();
+        let state = &inner.state;
+        let mut policies = Vec::new();
+        for (set, what) in [(&ev.deny, "deny"), (&ev.kill, "kill"), (&ev.audit, "audit")] {
+            for name in state.policy_names(set) {
+                policies.push(format!("{name}:{what}"));
+            }
+        }
+        ExecContext {
+            policies,
+            binary: state.binary_path(ev.path_hash).map(str::to_string),
+            container: state
+                .container(ev.container_cgroup_id)
+                .map(|c| to_api_container(state, c)),
+        }
     }
 
     pub fn gauges(&self) -> Gauges {
-        let inner = self.inner.lock().unwrap();
+        let inner = self.lock();
         let (c, b) = inner.state.map_fill();
-        let (cc, bc) = MapWriter::capacities();
+        let (cc, bc) = crate::bpf::MapWriter::capacities();
         Gauges {
             containers: inner.state.containers().count() as u64,
             containers_not_covered: inner.state.containers().filter(|c| !c.covered).count() as u64,
@@ -288,62 +313,167 @@ impl Agent {
 
     /// Re-reads the policy directory: new and changed files are (re)loaded, policies of
     /// removed files are deleted. A bad file is logged and leaves its previous policies
-    /// in force (a typo must not silently lift enforcement).
+    /// in force (a typo must not silently lift enforcement). The directory is listed
+    /// before the lock is taken; the rest happens under it, once.
     pub fn sync_policy_dir(&self) {
-        let mut seen: HashMap<PathBuf, (SystemTime, u64)> = HashMap::new();
-        if let Ok(entries) = std::fs::read_dir(&self.policy_dir) {
-            for e in entries.flatten() {
-                let path = e.path();
-                let is_yaml = path.extension().is_some_and(|x| x == "yaml" || x == "yml");
-                // Follows symlinks (ConfigMap mounts swap a ..data symlink).
-                if let (true, Ok(meta)) = (is_yaml, std::fs::metadata(&path)) {
-                    if meta.is_file() {
-                        seen.insert(
-                            path,
-                            (
-                                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                                meta.len(),
-                            ),
-                        );
-                    }
-                }
+        let seen = scan_policy_dir(&self.policy_dir);
+        self.lock().sync_policy_files(seen);
+    }
+}
+
+/// The policy files in `dir` (`*.yaml`, `*.yml`, symlinks followed: ConfigMap mounts
+/// swap a `..data` symlink) with their mtime and length.
+fn scan_policy_dir(dir: &Path) -> HashMap<PathBuf, (SystemTime, u64)> {
+    let mut seen = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return seen;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let is_yaml = path.extension().is_some_and(|x| x == "yaml" || x == "yml");
+        if let (true, Ok(meta)) = (is_yaml, std::fs::metadata(&path)) {
+            if meta.is_file() {
+                let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                seen.insert(path, (mtime, meta.len()));
             }
         }
-        let known: Vec<PathBuf> = self.inner.lock().unwrap().files.keys().cloned().collect();
-        for path in known {
-            if !seen.contains_key(&path) {
-                let keys = self
-                    .inner
-                    .lock()
-                    .unwrap()
-                    .files
-                    .remove(&path)
-                    .map(|f| f.2)
-                    .unwrap_or_default();
-                for key in keys {
-                    match self.delete_policy(&key, false) {
-                        Ok(()) => {
-                            tracing::info!(policy = %key, file = %path.display(), "policy file removed; policy deleted")
-                        }
-                        Err(e) => {
-                            tracing::warn!(policy = %key, error = %e, "deleting policy failed")
-                        }
+    }
+    seen
+}
+
+impl Inner {
+    /// Rebuilds the model as a starting agent does: what the maps hold, the saved
+    /// containers and policies over it, containers whose cgroup went away dropped, then
+    /// the maps made to match. File policies are re-read by the next directory scan.
+    fn restore(&mut self, cgroup_root: &Path) -> Result<Restored, Error> {
+        let snapshot = self.store.load()?;
+        let (containers, binaries, levels) = self.maps.contents();
+        let mut state = State::with_map_contents(containers, binaries, levels);
+        let saved = (snapshot.containers.len(), snapshot.policies.len());
+        state.restore(snapshot);
+        self.state = state;
+        self.files = HashMap::new();
+        let gone = self.gone_containers(cgroup_root);
+        for id in &gone {
+            self.state.forget_removed_cgroup(*id, self.maps.as_mut())?;
+            self.store.delete_container(*id)?;
+        }
+        self.state.full_sync(self.maps.as_mut())?;
+        self.adopt_file_policies();
+        Ok(Restored {
+            containers: saved.0 - gone.len(),
+            dropped: gone.len(),
+            policies: saved.1,
+        })
+    }
+
+    /// File policies in the state are adopted by the next directory scan, which re-reads
+    /// their file (the zero mtime never matches) or deletes them if it is gone.
+    fn adopt_file_policies(&mut self) {
+        for p in self.state.policies() {
+            if let PolicySource::File(file) = &p.source {
+                self.files
+                    .entry(file.clone())
+                    .or_insert(PolicyFile {
+                        mtime: SystemTime::UNIX_EPOCH,
+                        len: u64::MAX,
+                        keys: vec![],
+                    })
+                    .keys
+                    .push(p.policy.key());
+            }
+        }
+    }
+
+    fn gone_containers(&self, cgroup_root: &Path) -> Vec<u64> {
+        self.state
+            .containers()
+            .filter(|c| !cgroup_alive(cgroup_root, c))
+            .map(|c| c.cgroup_id)
+            .collect()
+    }
+
+    fn register(&mut self, mut rec: ContainerRecord) -> Result<ContainerRecord, Error> {
+        // A later report without the hook must not erase that the hook did run.
+        if let Some(prev) = self.state.container(rec.cgroup_id) {
+            rec.covered |= prev.covered && prev.identity.container_id == rec.identity.container_id;
+        }
+        self.store.save_container(&rec)?;
+        if let Err(e) = self.state.upsert_container(rec.clone(), self.maps.as_mut()) {
+            let _ = self.store.delete_container(rec.cgroup_id);
+            return Err(e);
+        }
+        Ok(rec)
+    }
+
+    fn remove_container(&mut self, container_id: &str) -> Result<bool, Error> {
+        let Some(id) = self.state.cgroup_of_container_id(container_id) else {
+            return Ok(false);
+        };
+        self.state.remove_container(id, self.maps.as_mut())?;
+        self.store.delete_container(id)?;
+        Ok(true)
+    }
+
+    fn cgroup_removed(&mut self, cgroup_id: u64) {
+        match self
+            .state
+            .forget_removed_cgroup(cgroup_id, self.maps.as_mut())
+        {
+            Ok(Some(c)) => {
+                let _ = self.store.delete_container(cgroup_id);
+                tracing::info!(container = %c.identity.container_id, cgroup_id, "cgroup removed; container forgotten");
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(cgroup_id, error = %e, "dropping a removed cgroup failed"),
+        }
+    }
+
+    fn add_policy(&mut self, policy: Policy, source: PolicySource) -> Result<PolicyRecord, Error> {
+        let key = policy.key();
+        self.state
+            .upsert_policy(policy, source, self.maps.as_mut())?;
+        self.store.save_policies(self.state.policies())?;
+        let rec = self
+            .state
+            .policies()
+            .find(|p| p.policy.key() == key)
+            .cloned();
+        Ok(rec.expect("just added"))
+    }
+
+    fn delete_policy(&mut self, key: &PolicyKey) -> Result<(), Error> {
+        self.state.delete_policy(key, self.maps.as_mut())?;
+        self.store.save_policies(self.state.policies())?;
+        Ok(())
+    }
+
+    fn sync_policy_files(&mut self, seen: HashMap<PathBuf, (SystemTime, u64)>) {
+        let removed: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !seen.contains_key(*p))
+            .cloned()
+            .collect();
+        for path in removed {
+            let keys = self.files.remove(&path).map(|f| f.keys).unwrap_or_default();
+            for key in keys {
+                match self.delete_policy(&key) {
+                    Ok(()) => {
+                        tracing::info!(policy = %key, file = %path.display(), "policy file removed; policy deleted")
+                    }
+                    Err(e) => {
+                        tracing::warn!(policy = %key, error = %e, "deleting policy failed")
                     }
                 }
             }
         }
         for (path, (mtime, len)) in seen {
-            let unchanged = self
-                .inner
-                .lock()
-                .unwrap()
-                .files
-                .get(&path)
-                .is_some_and(|f| f.0 == mtime && f.1 == len);
-            if unchanged {
-                continue;
-            }
-            let old_keys = self.file_keys(&path);
+            let old_keys = match self.files.get(&path) {
+                Some(f) if f.mtime == mtime && f.len == len => continue,
+                Some(f) => f.keys.clone(),
+                None => Vec::new(),
+            };
             let parsed = std::fs::read_to_string(&path)
                 .map_err(|e| Error::io(&path, e))
                 .and_then(|t| parse_policies(&t));
@@ -352,11 +482,8 @@ impl Agent {
                 Err(e) => {
                     tracing::error!(file = %path.display(), error = %e, "policy file rejected; previous version stays in force");
                     // Remember this version so the same error is not logged every poll.
-                    self.inner
-                        .lock()
-                        .unwrap()
-                        .files
-                        .insert(path.clone(), (mtime, len, old_keys));
+                    let keys = old_keys;
+                    self.files.insert(path, PolicyFile { mtime, len, keys });
                     continue;
                 }
             };
@@ -374,51 +501,11 @@ impl Agent {
                 }
             }
             for key in old_keys.iter().filter(|k| !keys.contains(k)) {
-                if let Err(e) = self.delete_policy(key, false) {
+                if let Err(e) = self.delete_policy(key) {
                     tracing::warn!(policy = %key, error = %e, "deleting policy failed");
                 }
             }
-            self.inner
-                .lock()
-                .unwrap()
-                .files
-                .insert(path, (mtime, len, keys));
-        }
-    }
-
-    /// Policies last loaded from `path`.
-    fn file_keys(&self, path: &Path) -> Vec<PolicyKey> {
-        let inner = self.inner.lock().unwrap();
-        inner
-            .files
-            .get(path)
-            .map(|f| f.2.clone())
-            .unwrap_or_default()
-    }
-
-    /// File policies restored from the state directory are adopted by the first directory
-    /// scan; ones whose file is gone are deleted.
-    pub fn adopt_restored_file_policies(&self) {
-        let restored: Vec<(PolicyKey, PathBuf)> = {
-            let inner = self.inner.lock().unwrap();
-            inner
-                .state
-                .policies()
-                .filter_map(|p| match &p.source {
-                    PolicySource::File(f) => Some((p.policy.key(), f.clone())),
-                    PolicySource::Api => None,
-                })
-                .collect()
-        };
-        let mut inner = self.inner.lock().unwrap();
-        for (key, file) in restored {
-            // Zero mtime: the next scan re-reads the file and reconciles its policies.
-            inner
-                .files
-                .entry(file)
-                .or_insert((SystemTime::UNIX_EPOCH, u64::MAX, vec![]))
-                .2
-                .push(key);
+            self.files.insert(path, PolicyFile { mtime, len, keys });
         }
     }
 }
@@ -461,8 +548,215 @@ pub fn to_api_policy(p: &PolicyRecord) -> v1::Policy {
         name: p.policy.metadata.name.clone(),
         kind: format!("{:?}", p.policy.kind),
         namespace: p.policy.metadata.namespace.clone().unwrap_or_default(),
-        yaml: serde_yaml::to_string(&p.policy).unwrap_or_default(),
+        yaml: crate::policy::to_yaml(&p.policy),
         slot: p.slot as u32,
         source: p.source.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::state::tests::{policy, FakeMaps};
+    use crate::state::MapContents;
+
+    /// The fake maps, shared so the test can look at them while the agent owns them.
+    struct SharedMaps(Arc<Mutex<FakeMaps>>);
+
+    impl SharedMaps {
+        fn get(&self) -> MutexGuard<'_, FakeMaps> {
+            unpoisoned(&self.0)
+        }
+    }
+
+    /// The injected panic happens with the fake maps' lock held too.
+    fn unpoisoned(fake: &Mutex<FakeMaps>) -> MutexGuard<'_, FakeMaps> {
+        fake.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    impl MapSink for SharedMaps {
+        fn set_container(&mut self, id: u64, p: rthooks_common::PolicySet) -> Result<(), Error> {
+            self.get().set_container(id, p)
+        }
+        fn remove_container(&mut self, id: u64) -> Result<(), Error> {
+            self.get().remove_container(id)
+        }
+        fn set_binary(&mut self, h: u64, r: rthooks_common::BinaryRules) -> Result<(), Error> {
+            self.get().set_binary(h, r)
+        }
+        fn remove_binary(&mut self, h: u64) -> Result<(), Error> {
+            self.get().remove_binary(h)
+        }
+        fn set_cgroup_levels(&mut self, l: u64) -> Result<(), Error> {
+            self.get().set_cgroup_levels(l)
+        }
+        fn contents(&self) -> MapContents {
+            self.get().contents()
+        }
+        fn ring_buffer_drops(&self) -> u64 {
+            0
+        }
+    }
+
+    /// A real cgroup v2 directory below the root, removed on drop.
+    struct TestCgroup {
+        dir: PathBuf,
+        cgroups_path: String,
+    }
+
+    impl TestCgroup {
+        fn new(root: &Path, name: &str) -> TestCgroup {
+            let leaf = format!("rthooks-unit-{}-{name}", std::process::id());
+            let dir = root.join(&leaf);
+            std::fs::create_dir(&dir).unwrap();
+            TestCgroup {
+                dir,
+                cgroups_path: format!("/{leaf}"),
+            }
+        }
+
+        fn request(&self, container_id: &str) -> CreateContainer {
+            CreateContainer {
+                cgroups_path: self.cgroups_path.clone(),
+                container_id: container_id.into(),
+                container_name: "app".into(),
+                pod_name: format!("pod-{container_id}"),
+                pod_namespace: "shop".into(),
+                ..Default::default()
+            }
+        }
+    }
+
+    impl Drop for TestCgroup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+
+    /// A writable cgroup v2 root, or why the test cannot run here.
+    fn cgroup_root() -> Option<PathBuf> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: creating cgroups needs root");
+            return None;
+        }
+        match cgroup::detect_root() {
+            Ok(root) => Some(root),
+            Err(e) => {
+                eprintln!("skipped: no cgroup v2 root: {e}");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn a_panic_while_the_state_is_locked_does_not_stop_later_registrations() {
+        let Some(root) = cgroup_root() else { return };
+        let (a, b) = (TestCgroup::new(&root, "a"), TestCgroup::new(&root, "b"));
+        let dirs = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(FakeMaps::default()));
+        let agent = Arc::new(
+            Agent::new(
+                Box::new(SharedMaps(fake.clone())),
+                Mode::Sigkill,
+                "test".into(),
+                &dirs.path().join("state"),
+                root.clone(),
+                dirs.path().join("policies"),
+                false,
+            )
+            .unwrap(),
+        );
+        let mut deny = policy("deny-curl", "web", "/usr/bin/curl", "Deny");
+        // Every pod: the test's pods have no labels.
+        deny.spec.pod_selector = None;
+        let slot = agent.add_policy(deny, PolicySource::Api).unwrap().slot;
+
+        unpoisoned(&fake).panic_on_container_write = true;
+        let panicking = agent.clone();
+        let req_a = a.request("a");
+        let outcome = std::thread::spawn(move || panicking.register(&req_a, "hook", true)).join();
+        assert!(outcome.is_err(), "the injected panic did not happen");
+        assert!(
+            agent.inner.is_poisoned(),
+            "the panic did not happen with the state locked"
+        );
+
+        let rec_b = agent.register(&b.request("b"), "hook", true).unwrap();
+        assert!(!agent.inner.is_poisoned());
+        let b_id = cgroup::cgroup_id(&b.dir).unwrap();
+        assert_eq!(rec_b.cgroup_id, b_id);
+
+        // The model, the maps and the state directory agree again: every container the
+        // agent lists has its map entry with the policy, and nothing else is in the map.
+        let listed: Vec<u64> = agent
+            .list_containers()
+            .iter()
+            .map(|c| c.cgroup_id)
+            .collect();
+        let maps = unpoisoned(&fake).containers.clone();
+        let mut in_maps: Vec<u64> = maps.keys().copied().collect();
+        let mut listed_sorted = listed.clone();
+        in_maps.sort();
+        listed_sorted.sort();
+        assert_eq!(listed_sorted, in_maps);
+        assert!(listed.contains(&b_id));
+        for id in &listed {
+            assert_eq!(maps[id].slots().collect::<Vec<_>>(), vec![slot]);
+        }
+        // ...and later changes go through as usual.
+        assert!(agent.remove_container("b").unwrap());
+        assert!(!unpoisoned(&fake).containers.contains_key(&b_id));
+    }
+
+    #[test]
+    fn a_policy_directory_sync_loads_changes_and_removes_deleted_files() {
+        let dirs = tempfile::tempdir().unwrap();
+        let policy_dir = dirs.path().join("policies");
+        std::fs::create_dir(&policy_dir).unwrap();
+        let fake = Arc::new(Mutex::new(FakeMaps::default()));
+        let agent = Agent::new(
+            Box::new(SharedMaps(fake.clone())),
+            Mode::Sigkill,
+            "test".into(),
+            &dirs.path().join("state"),
+            dirs.path().to_path_buf(),
+            policy_dir.clone(),
+            false,
+        )
+        .unwrap();
+        let names = |agent: &Agent| {
+            let mut n: Vec<String> = agent.list_policies().into_iter().map(|p| p.name).collect();
+            n.sort();
+            n
+        };
+        let doc = |name: &str| {
+            format!(
+                "apiVersion: rthooks.io/v1alpha1\nkind: RuntimePolicy\nmetadata: {{name: {name}}}\n\
+                 spec:\n  rules: [{{binaries: [/usr/bin/{name}], action: Deny}}]\n"
+            )
+        };
+        let file = policy_dir.join("p.yaml");
+        std::fs::write(&file, format!("{}---\n{}", doc("one"), doc("two"))).unwrap();
+        agent.sync_policy_dir();
+        assert_eq!(names(&agent), ["one", "two"]);
+        assert_eq!(unpoisoned(&fake).binaries.len(), 2);
+
+        // A bad version keeps the previous policies in force.
+        std::fs::write(&file, "kind: [").unwrap();
+        agent.sync_policy_dir();
+        assert_eq!(names(&agent), ["one", "two"]);
+
+        // A new version replaces them; a policy it no longer defines is deleted.
+        std::fs::write(&file, doc("three")).unwrap();
+        agent.sync_policy_dir();
+        assert_eq!(names(&agent), ["three"]);
+        assert_eq!(unpoisoned(&fake).binaries.len(), 1);
+
+        std::fs::remove_file(&file).unwrap();
+        agent.sync_policy_dir();
+        assert!(names(&agent).is_empty());
+        assert!(unpoisoned(&fake).binaries.is_empty());
     }
 }

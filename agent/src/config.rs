@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use serde_json::Value;
 
 use crate::bpf::RequestedMode;
 
@@ -134,14 +135,12 @@ pub fn parse_with_file<T: Parser>(
     };
     let text = std::fs::read_to_string(&file)
         .map_err(|e| anyhow::anyhow!("config file {}: {e}", file.display()))?;
-    let map: serde_yaml::Mapping = serde_yaml::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("config file {}: {e}", file.display()))?;
+    let map =
+        yaml_to_json(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", file.display()))?;
     let cmd = T::command();
     let mut from_file: Vec<OsString> = Vec::new();
-    for (k, v) in map {
-        let key = k
-            .as_str()
-            .ok_or_else(|| anyhow::anyhow!("config file {}: non-string key", file.display()))?;
+    for (key, v) in map {
+        let key = key.as_str();
         let arg = cmd
             .get_arguments()
             .find(|a| a.get_long() == Some(key))
@@ -158,9 +157,9 @@ pub fn parse_with_file<T: Parser>(
             continue;
         }
         match v {
-            serde_yaml::Value::Bool(true) => from_file.push(flag.into()),
-            serde_yaml::Value::Bool(false) | serde_yaml::Value::Null => {}
-            serde_yaml::Value::Sequence(items) => {
+            Value::Bool(true) => from_file.push(flag.into()),
+            Value::Bool(false) | Value::Null => {}
+            Value::Array(items) => {
                 for item in items {
                     from_file.push(format!("{flag}={}", scalar(&item)?).into());
                 }
@@ -174,12 +173,19 @@ pub fn parse_with_file<T: Parser>(
     Ok(T::try_parse_from(all)?)
 }
 
-fn scalar(v: &serde_yaml::Value) -> anyhow::Result<String> {
+/// The config file's YAML as the JSON object the layered configuration takes (an empty
+/// file is an empty object).
+pub fn yaml_to_json(text: &str) -> Result<serde_json::Map<String, Value>, crate::yaml::Error> {
+    let map: Option<serde_json::Map<String, Value>> = crate::yaml::from_str(text)?;
+    Ok(map.unwrap_or_default())
+}
+
+fn scalar(v: &Value) -> anyhow::Result<String> {
     Ok(match v {
-        serde_yaml::Value::String(s) => s.clone(),
-        serde_yaml::Value::Number(n) => n.to_string(),
-        serde_yaml::Value::Bool(b) => b.to_string(),
-        other => anyhow::bail!("config value {other:?} is not a scalar"),
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        other => anyhow::bail!("config value {other} is not a scalar"),
     })
 }
 
@@ -208,6 +214,24 @@ mod tests {
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
         assert!(parse_duration("1h").is_err() && parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn config_yaml_becomes_a_json_object() {
+        assert!(yaml_to_json("").unwrap().is_empty());
+        assert!(yaml_to_json("# nothing set\n").unwrap().is_empty());
+        let map = yaml_to_json(
+            "policy-poll: 2s\nallow-uid: [1000, 1001]\ntrust-label-annotation: yes\nunpin: true\n",
+        )
+        .unwrap();
+        assert_eq!(map["policy-poll"], "2s");
+        assert_eq!(map["allow-uid"], serde_json::json!([1000, 1001]));
+        // YAML 1.2: `yes` is a string, not a boolean, as it was with serde_yaml.
+        assert_eq!(map["trust-label-annotation"], "yes");
+        assert_eq!(map["unpin"], true);
+        assert!(yaml_to_json("- not\n- a map\n").is_err());
+        // JSON is YAML.
+        assert_eq!(yaml_to_json(r#"{"unpin": false}"#).unwrap()["unpin"], false);
     }
 
     #[test]

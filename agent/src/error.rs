@@ -16,6 +16,9 @@ pub enum Error {
     Cgroup { path: String, reason: String },
     #[error("invalid policy: {0}")]
     InvalidPolicy(String),
+    /// The parser's message names the line and column.
+    #[error("invalid policy: YAML: {0}")]
+    PolicyYaml(#[source] Box<serde_saphyr::Error>),
     #[error("policy {0} not found")]
     PolicyNotFound(String),
     #[error("policy {0} comes from a file; change or remove the file instead")]
@@ -79,6 +82,16 @@ pub enum Error {
         program: &'static str,
         why: &'static str,
     },
+    #[error("--grpc-address {0:?} is not unix:///absolute/path")]
+    GrpcAddress(String),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Serve(#[source] tonic::transport::Error),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -141,7 +154,7 @@ impl From<Error> for tonic::Status {
     fn from(e: Error) -> tonic::Status {
         let msg = e.to_string();
         match e {
-            Error::InvalidRequest(_) | Error::InvalidPolicy(_) => {
+            Error::InvalidRequest(_) | Error::InvalidPolicy(_) | Error::PolicyYaml(_) => {
                 tonic::Status::invalid_argument(msg)
             }
             Error::Cgroup { .. } => tonic::Status::failed_precondition(msg),
@@ -160,6 +173,9 @@ impl From<Error> for tonic::Status {
             | Error::Pin { .. }
             | Error::ModeUnavailable { .. }
             | Error::Unpinnable { .. }
+            | Error::GrpcAddress(_)
+            | Error::Bind { .. }
+            | Error::Serve(_)
             | Error::Io { .. } => tonic::Status::internal(msg),
         }
     }

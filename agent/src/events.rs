@@ -9,7 +9,7 @@ use rthooks_api::v1;
 use rthooks_common::{Action, Event, EVENT_CGROUP_REMOVED, EVENT_EXEC};
 use tokio::io::unix::AsyncFd;
 
-use crate::agent::{to_api_container, Agent};
+use crate::agent::Agent;
 
 fn action_name(a: Action) -> &'static str {
     match a {
@@ -24,17 +24,10 @@ pub fn enrich(agent: &Agent, ev: &Event) -> Option<v1::Event> {
     let action = Action::from_u32(ev.action)?;
     // Outside lsm mode a Deny is carried out as a kill: report what happened.
     let reported = match action {
-        Action::Deny if !agent.mode.refuses_exec() => Action::Kill,
+        Action::Deny if !agent.mode().refuses_exec() => Action::Kill,
         a => a,
     };
-    let inner = agent.inner.lock().unwrap();
-    let state = &inner.state;
-    let mut policies = Vec::new();
-    for (set, what) in [(&ev.deny, "deny"), (&ev.kill, "kill"), (&ev.audit, "audit")] {
-        for name in state.policy_names(set) {
-            policies.push(format!("{name}:{what}"));
-        }
-    }
+    let context = agent.exec_context(ev);
     let comm_len = ev
         .comm
         .iter()
@@ -44,17 +37,14 @@ pub fn enrich(agent: &Agent, ev: &Event) -> Option<v1::Event> {
         time: now_rfc3339(),
         action: action_name(reported).into(),
         pid: ev.tgid,
-        binary: state
-            .binary_path(ev.path_hash)
-            .map(str::to_string)
+        binary: context
+            .binary
             .unwrap_or_else(|| format!("<hash {:#x}>", ev.path_hash)),
         cgroup_id: ev.cgroup_id,
-        container: state
-            .container(ev.container_cgroup_id)
-            .map(|c| to_api_container(state, c)),
-        policies,
+        container: context.container,
+        policies: context.policies,
         comm: String::from_utf8_lossy(&ev.comm[..comm_len]).into_owned(),
-        enforcement_mode: agent.mode.as_str().into(),
+        enforcement_mode: agent.mode().as_str().into(),
     })
 }
 
@@ -126,7 +116,7 @@ pub async fn run(
                     let Some(event) = enrich(&agent, &ev) else {
                         continue;
                     };
-                    agent.metrics.event(match event.action.as_str() {
+                    agent.metrics().event(match event.action.as_str() {
                         "deny" => "deny",
                         "kill" => "kill",
                         _ => "audit",
@@ -140,7 +130,7 @@ pub async fn run(
                         .as_ref()
                         .map(|c| format!("{}/{}", c.pod_namespace, c.pod_name));
                     tracing::info!(action = %event.action, binary = %event.binary, pid = event.pid, pod = ?pod, "enforcement event");
-                    let _ = agent.events.send(event);
+                    agent.publish_event(event);
                 }
                 EVENT_CGROUP_REMOVED => agent.cgroup_removed(ev.cgroup_id),
                 _ => {}

@@ -6,7 +6,7 @@
 //! diff), [`bpf`] (loading, attaching and pinning the programs in [`bpf::programs`], the
 //! exec hook point in [`bpf::mode`], the map writer in [`bpf::maps`]), [`btf`] (kernel
 //! layout for the programs),
-//! [`server`] (gRPC), [`events`], [`metrics`], [`config`].
+//! [`server`] (gRPC), [`events`], [`metrics`], [`config`], [`yaml`] (the one YAML dialect).
 pub mod agent;
 pub mod bpf;
 pub mod btf;
@@ -19,28 +19,22 @@ pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod state;
+pub mod yaml;
 
 use std::sync::Arc;
-
-use anyhow::Context;
 
 pub use config::AgentConfig;
 pub use error::Error;
 
 /// Runs the agent until SIGINT/SIGTERM. Pinned programs stay attached afterwards.
-pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+pub async fn run(config: AgentConfig) -> Result<(), Error> {
     if config.unpin {
-        bpf::unpin_all(&config.bpf_pin_dir)
-            .with_context(|| format!("removing {}", config.bpf_pin_dir.display()))?;
+        bpf::unpin_all(&config.bpf_pin_dir).map_err(|e| Error::io(&config.bpf_pin_dir, e))?;
         tracing::info!(dir = %config.bpf_pin_dir.display(), "unpinned: programs detached, enforcement stopped");
         return Ok(());
     }
-    let socket = rthooks_api::client::socket_path(&config.grpc_address).with_context(|| {
-        format!(
-            "--grpc-address {:?} is not unix:///absolute/path",
-            config.grpc_address
-        )
-    })?;
+    let socket = rthooks_api::client::socket_path(&config.grpc_address)
+        .ok_or_else(|| Error::GrpcAddress(config.grpc_address.clone()))?;
     let cgroup_root = match &config.cgroup_root {
         Some(r) => r.clone(),
         None => cgroup::detect_root()?,
@@ -57,7 +51,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "eBPF programs attached"
     );
     let agent = Arc::new(agent::Agent::new(
-        maps,
+        Box::new(maps),
         programs.mode,
         programs.mode_reason.clone(),
         &config.state_dir,
@@ -65,7 +59,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         config.policy_dir.clone(),
         config.trust_label_annotation,
     )?);
-    agent.adopt_restored_file_policies();
     agent.sync_policy_dir();
 
     let events_out: Option<Box<dyn std::io::Write + Send>> = match &config.events_file {
@@ -76,7 +69,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 .create(true)
                 .append(true)
                 .open(p)
-                .with_context(|| format!("opening events file {}", p.display()))?,
+                .map_err(|e| Error::io(p, e))?,
         )),
     };
     tokio::spawn(events::run(agent.clone(), ring, events_out));
@@ -115,10 +108,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if let Some(addr) = config.metrics_address {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("binding metrics address {addr}"))?;
+            .map_err(|source| Error::Bind { addr, source })?;
         let agent = agent.clone();
         tokio::spawn(metrics::serve(listener, move || {
-            agent.metrics.render(&agent.gauges())
+            agent.metrics().render(&agent.gauges())
         }));
         tracing::info!(%addr, "metrics on /metrics, health on /healthz and /readyz");
     }
@@ -149,7 +142,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     };
     tokio::select! {
-        result = server => result.context("gRPC server")?,
+        result = server => result.map_err(Error::Serve)?,
         _ = grace => {}
     }
     let _ = std::fs::remove_file(&socket);

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,11 +16,19 @@ const BUCKETS: [f64; 10] = [
 
 #[derive(Default)]
 pub struct Metrics {
-    hook_requests: Mutex<BTreeMap<&'static str, u64>>,
+    hook_requests: Mutex<Counts>,
     hook_buckets: [AtomicU64; BUCKETS.len()],
     hook_count: AtomicU64,
     hook_sum_ns: AtomicU64,
-    events: Mutex<BTreeMap<&'static str, u64>>,
+    events: Mutex<Counts>,
+}
+
+type Counts = BTreeMap<&'static str, u64>;
+
+/// A counter table survives a panic elsewhere while it was locked: each update is one
+/// increment, never half done, and the registration path counts every request.
+fn counts<'a>(m: &'a Mutex<Counts>) -> MutexGuard<'a, Counts> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Gauges read from the agent's state at scrape time.
@@ -35,12 +43,7 @@ pub struct Gauges {
 
 impl Metrics {
     pub fn hook_request(&self, result: &'static str, elapsed: Duration) {
-        *self
-            .hook_requests
-            .lock()
-            .unwrap()
-            .entry(result)
-            .or_default() += 1;
+        *counts(&self.hook_requests).entry(result).or_default() += 1;
         let secs = elapsed.as_secs_f64();
         for (i, b) in BUCKETS.iter().enumerate() {
             if secs <= *b {
@@ -53,7 +56,7 @@ impl Metrics {
     }
 
     pub fn event(&self, action: &'static str) {
-        *self.events.lock().unwrap().entry(action).or_default() += 1;
+        *counts(&self.events).entry(action).or_default() += 1;
     }
 
     pub fn render(&self, g: &Gauges) -> String {
@@ -69,13 +72,13 @@ impl Metrics {
             "rthooks_runtime_hook_requests_total",
             "RuntimeHook requests by result.",
             "result",
-            &self.hook_requests.lock().unwrap(),
+            &counts(&self.hook_requests),
         );
         counter(
             "rthooks_events_total",
             "Enforcement events by action.",
             "action",
-            &self.events.lock().unwrap(),
+            &counts(&self.events),
         );
         let name = "rthooks_runtime_hook_duration_seconds";
         let _ = writeln!(

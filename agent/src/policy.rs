@@ -303,24 +303,24 @@ pub fn image_repository(image: &str) -> &str {
     }
 }
 
-/// Parses every YAML document in `text` (`---` separated) as a policy and validates it.
+/// Parses every YAML document in `text` (`---` separated; empty ones are skipped) as a
+/// policy and validates it. A YAML or schema error names its line and column; a policy
+/// that parses but is not valid names the policy.
 pub fn parse_policies(text: &str) -> Result<Vec<Policy>, Error> {
-    let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let value = serde_yaml::Value::deserialize(doc)
-            .map_err(|e| Error::InvalidPolicy(format!("YAML: {e}")))?;
-        if value.is_null() {
-            continue;
-        }
-        let policy: Policy = serde_yaml::from_value(value)
-            .map_err(|e| Error::InvalidPolicy(format!("schema: {e}")))?;
-        policy.validate()?;
-        out.push(policy);
-    }
-    if out.is_empty() {
+    let policies: Vec<Policy> =
+        crate::yaml::from_documents(text).map_err(|e| Error::PolicyYaml(Box::new(e)))?;
+    if policies.is_empty() {
         return Err(Error::InvalidPolicy("no policy in the document".into()));
     }
-    Ok(out)
+    for p in &policies {
+        p.validate()?;
+    }
+    Ok(policies)
+}
+
+/// A policy as YAML, for the API's listings.
+pub fn to_yaml(policy: &Policy) -> String {
+    crate::yaml::to_string(policy)
 }
 
 #[cfg(test)]
@@ -439,7 +439,10 @@ spec:
                 SAMPLE.replace("/usr/bin/curl", "/usr/../bin/curl"),
                 "absolute",
             ),
-            (SAMPLE.replace("action: Deny", "action: Block"), "schema"),
+            (
+                SAMPLE.replace("action: Deny", "action: Block"),
+                "unknown variant `Block`",
+            ),
             (SAMPLE.replace("name: deny-curl", "name: Deny_Curl"), "DNS"),
             (
                 SAMPLE.replace("values: [frontend]", "values: []"),
@@ -460,10 +463,37 @@ spec:
     }
 
     #[test]
+    fn the_sample_policies_parse() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/policies");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            n += parse_policies(&text).unwrap().len();
+        }
+        assert!(n >= 2, "{n} sample policies");
+    }
+
+    #[test]
+    fn yaml_errors_name_the_line_on_one_line() {
+        let text = SAMPLE.replace("action: Deny", "action: Block");
+        let err = parse_policies(&text).unwrap_err().to_string();
+        assert!(err.contains("at line 14, column 15"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
     fn multi_document_files() {
         let two = format!("{SAMPLE}\n---\n{}", SAMPLE.replace("deny-curl", "other"));
         let ps = parse_policies(&two).unwrap();
         assert_eq!(ps.len(), 2);
         assert_eq!(ps[1].metadata.name, "other");
+        // Empty documents (a leading `---`, a trailing one, comments only) are skipped.
+        let padded = format!("---\n# comment only\n---\n{two}\n---\n");
+        assert_eq!(parse_policies(&padded).unwrap(), ps);
+        // What the API lists parses back to the same policy.
+        assert_eq!(
+            parse_policies(&to_yaml(&ps[0])).unwrap(),
+            vec![ps[0].clone()]
+        );
     }
 }

@@ -48,7 +48,7 @@ impl FineGuidanceSensors for Service {
         let start = Instant::now();
         let Some(runtime_hook_request::Event::CreateContainer(req)) = request.into_inner().event
         else {
-            self.0.metrics.hook_request("invalid", start.elapsed());
+            self.0.metrics().hook_request("invalid", start.elapsed());
             return Err(Status::invalid_argument(
                 "RuntimeHookRequest without an event",
             ));
@@ -59,7 +59,7 @@ impl FineGuidanceSensors for Service {
             .map_err(|e| Status::internal(e.to_string()))?;
         match result {
             Ok((rec, _)) => {
-                self.0.metrics.hook_request("ok", start.elapsed());
+                self.0.metrics().hook_request("ok", start.elapsed());
                 tracing::info!(
                     container = %rec.identity.container_id,
                     name = %rec.identity.container_name,
@@ -77,7 +77,7 @@ impl FineGuidanceSensors for Service {
                     Error::InvalidRequest(_) => "invalid",
                     _ => "error",
                 };
-                self.0.metrics.hook_request(result, start.elapsed());
+                self.0.metrics().hook_request(result, start.elapsed());
                 tracing::warn!(error = %e, "RuntimeHook refused");
                 Err(e.into())
             }
@@ -172,7 +172,7 @@ impl AgentApi for Service {
             namespace: (!r.namespace.is_empty()).then_some(r.namespace),
             name: r.name,
         };
-        self.0.delete_policy(&key, true)?;
+        self.0.delete_policy(&key)?;
         tracing::info!(policy = %key, "policy deleted through the API");
         Ok(Response::new(v1::DeletePolicyResponse {}))
     }
@@ -195,7 +195,7 @@ impl AgentApi for Service {
         &self,
         _: Request<v1::GetEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let stream = BroadcastStream::new(self.0.events.subscribe()).filter_map(|e| e.ok().map(Ok));
+        let stream = BroadcastStream::new(self.0.subscribe_events()).filter_map(|e| e.ok().map(Ok));
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -234,7 +234,7 @@ pub fn authorized_incoming(
     listener: UnixListener,
     extra: Vec<u32>,
 ) -> impl Stream<Item = std::io::Result<UnixStream>> {
-    let own = unsafe { libc::getuid() };
+    let own = nix::unistd::getuid().as_raw();
     tokio_stream::wrappers::UnixListenerStream::new(listener).filter_map(move |conn| match conn {
         Ok(stream) => match stream.peer_cred() {
             Ok(cred) if cred.uid() == 0 || cred.uid() == own || extra.contains(&cred.uid()) => Some(Ok(stream)),

@@ -11,6 +11,9 @@ use crate::error::Error;
 use crate::identity::ContainerIdentity;
 use crate::policy::{Policy, PolicyKey, RuleAction};
 
+/// What the maps hold: container entries, binary entries, the cgroup levels word.
+pub type MapContents = (HashMap<u64, PolicySet>, HashMap<u64, BinaryRules>, u64);
+
 /// Where map writes go: the pinned BPF maps in the agent, a recorder in tests.
 pub trait MapSink {
     fn set_container(&mut self, cgroup_id: u64, policies: PolicySet) -> Result<(), Error>;
@@ -18,6 +21,10 @@ pub trait MapSink {
     fn set_binary(&mut self, hash: u64, rules: BinaryRules) -> Result<(), Error>;
     fn remove_binary(&mut self, hash: u64) -> Result<(), Error>;
     fn set_cgroup_levels(&mut self, levels: u64) -> Result<(), Error>;
+    /// Read back (after a restart, the previous agent's entries).
+    fn contents(&self) -> MapContents;
+    /// Events the kernel could not queue because the ring buffer was full.
+    fn ring_buffer_drops(&self) -> u64;
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -543,10 +550,16 @@ pub mod tests {
         pub levels: u64,
         pub writes: usize,
         pub fail_container_writes: bool,
+        /// Stands for a bug in the middle of a state change.
+        pub panic_on_container_write: bool,
     }
 
     impl MapSink for FakeMaps {
         fn set_container(&mut self, id: u64, p: PolicySet) -> Result<(), Error> {
+            if self.panic_on_container_write {
+                self.panic_on_container_write = false;
+                panic!("injected panic while writing container {id}");
+            }
             if self.fail_container_writes {
                 // What the kernel answers when a hash map is full.
                 return Err(Error::Map {
@@ -581,9 +594,15 @@ pub mod tests {
             self.levels = l;
             Ok(())
         }
+        fn contents(&self) -> MapContents {
+            (self.containers.clone(), self.binaries.clone(), self.levels)
+        }
+        fn ring_buffer_drops(&self) -> u64 {
+            0
+        }
     }
 
-    fn policy(name: &str, app: &str, binary: &str, action: &str) -> Policy {
+    pub fn policy(name: &str, app: &str, binary: &str, action: &str) -> Policy {
         parse_policies(&format!(
             "apiVersion: rthooks.io/v1alpha1\nkind: RuntimePolicy\nmetadata: {{name: {name}}}\n\
              spec:\n  podSelector: {{matchLabels: {{app: {app}}}}}\n  rules: [{{binaries: [{binary}], action: {action}}}]\n"

@@ -1,7 +1,5 @@
 //! The map writer: the pinned maps the agent keeps up to date (the [`MapSink`] behind the
 //! model in `state`), and what it reads back from them.
-use std::collections::HashMap;
-
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf};
 use rthooks_common::{
     pins, BinaryRules, ContainerPolicies, PolicySet, Settings, MAX_BINARIES, MAX_CONTAINERS,
@@ -9,7 +7,7 @@ use rthooks_common::{
 
 use super::programs::Programs;
 use crate::error::Error;
-use crate::state::MapSink;
+use crate::state::{MapContents, MapSink};
 
 pub struct MapWriter {
     containers: BpfHashMap<MapData, u64, ContainerPolicies>,
@@ -41,27 +39,6 @@ impl MapWriter {
             },
             events,
         ))
-    }
-
-    /// What the maps hold now (after a restart, the previous agent's entries).
-    pub fn map_contents(&self) -> (HashMap<u64, PolicySet>, HashMap<u64, BinaryRules>, u64) {
-        let containers = self
-            .containers
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (k, v.policies))
-            .collect();
-        let binaries = self.binaries.iter().filter_map(Result::ok).collect();
-        let levels = self
-            .settings
-            .get(&0, 0)
-            .map(|s| s.cgroup_levels)
-            .unwrap_or(0);
-        (containers, binaries, levels)
-    }
-
-    pub fn ring_buffer_drops(&self) -> u64 {
-        self.drops.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
     pub fn capacities() -> (u32, u32) {
@@ -107,5 +84,25 @@ impl MapSink for MapWriter {
                 0,
             )
             .map_err(Error::map("settings"))
+    }
+
+    fn contents(&self) -> MapContents {
+        let containers = self
+            .containers
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, v.policies))
+            .collect();
+        let binaries = self.binaries.iter().filter_map(Result::ok).collect();
+        let levels = self
+            .settings
+            .get(&0, 0)
+            .map(|s| s.cgroup_levels)
+            .unwrap_or(0);
+        (containers, binaries, levels)
+    }
+
+    fn ring_buffer_drops(&self) -> u64 {
+        self.drops.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 }
