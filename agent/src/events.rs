@@ -110,31 +110,120 @@ pub async fn run(
             }
         }
         guard.clear_ready();
-        for ev in records {
-            match ev.kind {
-                EVENT_EXEC => {
-                    let Some(event) = enrich(&agent, &ev) else {
-                        continue;
-                    };
-                    agent.metrics().event(match event.action.as_str() {
-                        "deny" => "deny",
-                        "kill" => "kill",
-                        _ => "audit",
-                    });
-                    if let Some(out) = sink.as_mut() {
-                        let _ = writeln!(out, "{}", to_json(&event));
-                        let _ = out.flush();
-                    }
-                    let pod = event
-                        .container
-                        .as_ref()
-                        .map(|c| format!("{}/{}", c.pod_namespace, c.pod_name));
-                    tracing::info!(action = %event.action, binary = %event.binary, pid = event.pid, pod = ?pod, "enforcement event");
-                    agent.publish_event(event);
-                }
-                EVENT_CGROUP_REMOVED => agent.cgroup_removed(ev.cgroup_id),
-                _ => {}
-            }
+        handle_records(&agent, records, &mut sink);
+    }
+}
+
+/// Handles a batch of kernel records, each on its own: a bug handling one must not end the
+/// reader, or no event would be reported and removed cgroups would wait for the reconciler.
+fn handle_records(agent: &Agent, records: Vec<Event>, sink: &mut Option<Box<dyn Write + Send>>) {
+    for ev in records {
+        let handled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(agent, &ev, sink)));
+        if handled.is_err() {
+            tracing::error!(
+                kind = ev.kind,
+                "handling a kernel event panicked; record skipped"
+            );
         }
+    }
+}
+
+fn handle(agent: &Agent, ev: &Event, sink: &mut Option<Box<dyn Write + Send>>) {
+    match ev.kind {
+        EVENT_EXEC => {
+            let Some(event) = enrich(agent, ev) else {
+                return;
+            };
+            agent.metrics().event(match event.action.as_str() {
+                "deny" => "deny",
+                "kill" => "kill",
+                _ => "audit",
+            });
+            if let Some(out) = sink.as_mut() {
+                let _ = writeln!(out, "{}", to_json(&event));
+                let _ = out.flush();
+            }
+            let pod = event
+                .container
+                .as_ref()
+                .map(|c| format!("{}/{}", c.pod_namespace, c.pod_name));
+            tracing::info!(action = %event.action, binary = %event.binary, pid = event.pid, pod = ?pod, "enforcement event");
+            agent.publish_event(event);
+        }
+        EVENT_CGROUP_REMOVED => agent.cgroup_removed(ev.cgroup_id),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use rthooks_common::{PolicySet, EVENT_EXEC};
+
+    use super::*;
+    use crate::bpf::Mode;
+    use crate::state::tests::FakeMaps;
+
+    /// An events file whose first write panics; later lines are kept.
+    struct PanicsOnce {
+        panicked: bool,
+        lines: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for PanicsOnce {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if !self.panicked {
+                self.panicked = true;
+                panic!("injected panic writing an event");
+            }
+            self.lines.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn audit(pid: u32) -> Event {
+        Event {
+            kind: EVENT_EXEC,
+            action: Action::Audit as u32,
+            pid,
+            tgid: pid,
+            cgroup_id: 1,
+            container_cgroup_id: 1,
+            path_hash: 7,
+            ktime_ns: 0,
+            deny: PolicySet::EMPTY,
+            kill: PolicySet::EMPTY,
+            audit: PolicySet::EMPTY,
+            comm: [0; 16],
+        }
+    }
+
+    #[test]
+    fn a_panic_handling_one_record_does_not_lose_the_next() {
+        let dirs = tempfile::tempdir().unwrap();
+        let agent = Agent::new(
+            Box::new(FakeMaps::default()),
+            Mode::Sigkill,
+            "test".into(),
+            &dirs.path().join("state"),
+            dirs.path().to_path_buf(),
+            dirs.path().join("policies"),
+            false,
+        )
+        .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut sink: Option<Box<dyn Write + Send>> = Some(Box::new(PanicsOnce {
+            panicked: false,
+            lines: lines.clone(),
+        }));
+        handle_records(&agent, vec![audit(100), audit(200)], &mut sink);
+        let written = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
+        assert!(written.contains("\"pid\":200"), "{written}");
+        assert!(!written.contains("\"pid\":100"), "{written}");
     }
 }

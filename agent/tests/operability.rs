@@ -186,16 +186,9 @@ fn socket_refuses_unauthorized_uids_even_when_its_mode_allows_them() {
     let run_as = |uid: u32| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rthooksctl"));
         cmd.arg(format!("--address=unix://{}", agent.socket.display()))
-            .arg("status");
-        // SAFETY: setuid only, between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+            .arg("status")
+            .gid(uid)
+            .uid(uid);
         cmd.output().unwrap()
     };
     let nobody = run_as(65534);
