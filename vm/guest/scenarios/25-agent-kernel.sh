@@ -45,6 +45,7 @@ agent_tests() {
 scenario agent_kernel_tests "" agent_tests enforcement
 scenario agent_kernel_exec_semantics "" agent_tests exec_semantics
 # The kprobe path, forced where auto would choose lsm or fentry: every exec row, and
-# enforcement through an agent crash (its link is pinned).
-scenario agent_kernel_kprobe "" agent_tests exec_semantics kprobe
-scenario agent_kernel_kprobe_restart "" agent_tests enforcement kprobe enforcement_survives_an_agent_crash_and_restart
+# enforcement through an agent crash (its link is pinned). Named apart, so that
+# `--scenario agent_kernel` and `--scenario agent_kprobe` select one half each.
+scenario agent_kprobe_exec_semantics "" agent_tests exec_semantics kprobe
+scenario agent_kprobe_restart "" agent_tests enforcement kprobe enforcement_survives_an_agent_crash_and_restart
