@@ -18,12 +18,11 @@ use rthooks_common::Event;
 use tokio::sync::broadcast;
 
 use crate::bpf::Mode;
-use crate::cgroup;
 use crate::error::Error;
-use crate::identity::{ContainerIdentity, RequestFields};
 use crate::metrics::{Gauges, Metrics};
 use crate::policy::{parse_policies, Policy, PolicyKey};
 use crate::state::{ContainerRecord, MapSink, PolicyRecord, PolicySource, State, Store};
+use crate::{cgroup, identity};
 
 /// The map writer the agent drives: the pinned BPF maps, or a recorder in tests.
 pub type Maps = Box<dyn MapSink + Send>;
@@ -161,32 +160,11 @@ impl Agent {
         covered: bool,
     ) -> Result<ContainerRecord, Error> {
         let cg = cgroup::resolve(&self.cgroup_root, &req.cgroups_path)?;
-        let mut identity = ContainerIdentity::from_request(
-            &RequestFields {
-                container_id: &req.container_id,
-                container_name: &req.container_name,
-                image: &req.container_image,
-                pod_name: &req.pod_name,
-                pod_uid: &req.pod_uid,
-                pod_namespace: &req.pod_namespace,
-                annotations: &req.annotations,
-            },
-            self.trust_label_annotation,
-        )?;
-        if identity.container_id.is_empty() {
-            // Tetragon's hook always sends it; other callers may not: the cgroup leaf
-            // name is the next best stable id.
-            identity.container_id = cg
-                .relative
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .to_string();
-        }
+        let identity = identity::from_request(req, &cg.path, self.trust_label_annotation)?;
         let rec = ContainerRecord {
             identity,
             cgroup_id: cg.id,
-            cgroup_path: cg.relative,
+            cgroup_path: cg.path.relative().to_owned(),
             level: cg.level,
             covered,
             source: source.to_string(),

@@ -25,8 +25,9 @@ pub use rthooks::v1;
 
 /// The agent's default socket.
 pub const DEFAULT_AGENT_ADDRESS: &str = "unix:///run/rthooks/agent.sock";
-/// Annotation carrying the pod's labels as a JSON object (set by our NRI plugin).
-pub const POD_LABELS_ANNOTATION: &str = "rthooks.io/pod-labels";
+/// Annotation carrying the pod's labels as a JSON object (set by our NRI plugin); its home
+/// is the container model.
+pub use rthooks_container::POD_LABELS_ANNOTATION;
 
 /// The socket path of an address in `unix:///path`, `unix:/path` or `/path` form.
 pub fn socket_path(address: &str) -> Option<std::path::PathBuf> {

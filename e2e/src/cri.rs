@@ -68,18 +68,9 @@ impl PodSpec {
     /// takes): the slice name expanded as systemd does with the systemd driver.
     pub fn cgroup_dir(&self) -> String {
         if self.systemd {
-            let slice = self.cgroup_parent();
-            let stem = slice.trim_end_matches(".slice");
-            let mut path = String::new();
-            let mut prefix = String::new();
-            for part in stem.split('-') {
-                if !prefix.is_empty() {
-                    prefix.push('-');
-                }
-                prefix.push_str(part);
-                path.push_str(&format!("/{prefix}.slice"));
-            }
-            path
+            rthooks_container::cgroup::expand_slice(&self.cgroup_parent())
+                .expect("kubelet's pod slice name is a valid slice")
+                .to_string()
         } else {
             self.cgroup_parent()
         }

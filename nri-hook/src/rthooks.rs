@@ -15,7 +15,7 @@
 //! replies never wait for the agent, and a missing agent only produces log lines (the
 //! queue waits for it to come back, up to its capacity).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
@@ -23,6 +23,8 @@ use async_trait::async_trait;
 use protobuf::MessageField;
 use rthooks_api::tetragon;
 use rthooks_api::v1;
+use rthooks_container::annotations::{self as keys};
+use rthooks_container::labels;
 use tokio::sync::mpsc;
 
 use crate::nri::api::{self, Container, Event, PodSandbox};
@@ -36,8 +38,6 @@ pub const DEFAULT_HOOK_PATH: &str = "/opt/rthooks/rthooks-oci-hook";
 pub const DEFAULT_HOOK_TIMEOUT_SECS: i64 = 5;
 /// Source recorded by the agent for containers learned from Synchronize.
 pub const SYNC_SOURCE: &str = "nri-sync";
-/// containerd's annotation with the container's image name.
-const IMAGE_ANNOTATION: &str = "io.kubernetes.cri.image-name";
 
 /// The OCI hook to inject.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,26 +78,6 @@ impl HookSpec {
     }
 }
 
-/// Labels the runtime or kubelet add to a sandbox's CRI labels that are not the pod's
-/// Kubernetes labels (policies select on the labels the Kubernetes API shows).
-pub fn is_runtime_label(key: &str) -> bool {
-    key.starts_with("io.cri-containerd.")
-        || matches!(
-            key,
-            "io.kubernetes.pod.name" | "io.kubernetes.pod.namespace" | "io.kubernetes.pod.uid"
-        )
-}
-
-/// The pod's Kubernetes labels as a JSON object with sorted keys (stable across calls),
-/// without the runtime's and kubelet's own bookkeeping labels.
-pub fn labels_json(labels: &HashMap<String, String>) -> String {
-    let sorted: BTreeMap<&String, &String> = labels
-        .iter()
-        .filter(|(k, _)| !is_runtime_label(k))
-        .collect();
-    serde_json::to_string(&sorted).expect("string map serializes")
-}
-
 /// Whether the container's spec already runs `hook_path` at createRuntime.
 pub fn has_hook(ctr: &Container, hook_path: &str) -> bool {
     ctr.hooks
@@ -116,9 +96,10 @@ pub fn create_response(
     // Setting the key overwrites any value the container brought along. No "-key" removal
     // marker with it: the runtime applies the adjustment map in random order, so a marker
     // can delete the value we set (seen with containerd 2.1).
-    adjust
-        .annotations
-        .insert(POD_LABELS_ANNOTATION.into(), labels_json(&pod.labels));
+    adjust.annotations.insert(
+        POD_LABELS_ANNOTATION.into(),
+        labels::annotation_value(&pod.labels),
+    );
     if !has_hook(ctr, &hook.path) {
         let mut hooks = api::Hooks::new();
         hooks.create_runtime.push(hook.to_nri());
@@ -142,7 +123,10 @@ pub fn report_request(
         .collect();
     // The trusted labels are the pod's, whatever the container's annotation says.
     if let Some(pod) = pod {
-        annotations.insert(POD_LABELS_ANNOTATION.into(), labels_json(&pod.labels));
+        annotations.insert(
+            POD_LABELS_ANNOTATION.into(),
+            labels::annotation_value(&pod.labels),
+        );
     }
     let container = tetragon::CreateContainer {
         cgroups_path: ctr
@@ -151,10 +135,9 @@ pub fn report_request(
             .map(|l| l.cgroups_path.clone())
             .unwrap_or_default(),
         root_dir: String::new(),
-        container_image: annotations
-            .get(IMAGE_ANNOTATION)
-            .cloned()
-            .unwrap_or_default(),
+        container_image: keys::first(&annotations, keys::IMAGE_KEYS)
+            .unwrap_or_default()
+            .to_owned(),
         annotations,
         container_name: ctr.name.clone(),
         container_id: ctr.id.clone(),
@@ -443,8 +426,10 @@ mod tests {
         c.name = "nginx".into();
         c.annotations
             .insert(POD_LABELS_ANNOTATION.into(), r#"{"app":"evil"}"#.into());
-        c.annotations
-            .insert(IMAGE_ANNOTATION.into(), "docker.io/library/nginx:1".into());
+        c.annotations.insert(
+            keys::containerd::IMAGE_NAME.into(),
+            "docker.io/library/nginx:1".into(),
+        );
         let mut l = api::LinuxContainer::new();
         l.cgroups_path = "/kubepods/besteffort/poduid-1/c1".into();
         c.linux = MessageField::some(l);

@@ -7,18 +7,18 @@ use rthooks_api::tetragon;
 
 use crate::error::{Error, Result};
 use crate::grpc::{self, CallError, Target};
-use crate::identity::Identity;
 use crate::state::Bundle;
+use rthooks_container::{CgroupPath, ContainerIdentity};
 
 /// The Tetragon-compatible request for a container.
 pub fn create_container_request(
     bundle: &Bundle,
-    cgroups_path: &str,
-    identity: &Identity,
+    cgroup: &CgroupPath,
+    identity: &ContainerIdentity,
     annotations: &HashMap<String, String>,
 ) -> tetragon::RuntimeHookRequest {
     let c = tetragon::CreateContainer {
-        cgroups_path: cgroups_path.to_owned(),
+        cgroups_path: cgroup.as_str().to_owned(),
         root_dir: bundle.root_dir.to_string_lossy().into_owned(),
         annotations: annotations.clone(),
         container_name: identity.container_name.clone(),

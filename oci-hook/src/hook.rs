@@ -8,10 +8,10 @@ use serde_json::{json, Map, Value};
 
 use crate::config::{Config, Parsed};
 use crate::error::Error;
-use crate::identity::Identity;
 use crate::log::{Level, LogFile};
 use crate::policy::FailurePolicy;
-use crate::{agent, cgroup, state};
+use crate::{agent, state};
+use rthooks_container::{labels, CgroupPath, CgroupsPath, ContainerIdentity};
 
 /// The OCI hook stages this binary accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,21 +173,28 @@ fn create_runtime(
         .as_ref()
         .ok()
         .map(|b| match b.spec.cgroups_path.as_deref() {
-            Some(p) => cgroup::resolve(p),
-            None => Err(Error::NoCgroupsPath),
+            None | Some("") => Err(Error::NoCgroupsPath),
+            Some(p) => CgroupsPath::parse(p)
+                .map(|p| p.dir())
+                .map_err(|e| Error::CgroupsPath {
+                    path: e.path,
+                    reason: e.reason.to_string(),
+                }),
         });
-    let cg = resolved
-        .as_ref()
-        .and_then(|r| r.as_ref().ok())
-        .map(String::as_str);
-    let identity =
-        Identity::from_annotations(&annotations, state_id, cg, &c.annotations_namespace_key);
+    let cg: Option<&CgroupPath> = resolved.as_ref().and_then(|r| r.as_ref().ok());
+    let identity = ContainerIdentity {
+        container_id: state_id.unwrap_or_default().to_owned(),
+        ..Default::default()
+    }
+    .complete(&annotations, cg, &c.annotations_namespace_key);
     add_identity(&mut line, &identity);
-    if let Some(id) = &identity.labels_error {
-        warnings.push(id.clone());
+    // The agent decides whether it believes the labels; a bad annotation is worth a
+    // warning here, where the container's log is.
+    if let Some(Err(e)) = labels::from_annotations(&annotations) {
+        warnings.push(e.to_string());
     }
     if let Some(cg) = cg {
-        line.insert("cgroups_path".into(), json!(cg));
+        line.insert("cgroups_path".into(), json!(cg.as_str()));
     }
     if let Ok(b) = &bundle {
         line.insert("config".into(), json!(b.config_path));
@@ -243,7 +250,7 @@ fn create_runtime(
                 );
             }
             let req = agent::create_container_request(bundle, cg, &identity, &annotations);
-            tracing::debug!(address = %c.grpc_address, cgroup = cg, id = %identity.container_id, "calling RuntimeHook");
+            tracing::debug!(address = %c.grpc_address, cgroup = %cg, id = %identity.container_id, "calling RuntimeHook");
             let t = Instant::now();
             let r = agent::runtime_hook(&c.grpc_address, c.grpc_timeout, req);
             line.insert("agent_ms".into(), json!(ms(t.elapsed())));
@@ -394,7 +401,7 @@ fn poststop(
     }
 }
 
-fn add_identity(line: &mut Map<String, Value>, id: &Identity) {
+fn add_identity(line: &mut Map<String, Value>, id: &ContainerIdentity) {
     for (k, v) in [
         ("container_id", &id.container_id),
         ("container_name", &id.container_name),

@@ -4,23 +4,23 @@
 //! so policies apply from its first `execve`. When the agent cannot be told, a
 //! Tetragon-compatible failure rule decides whether the container may start anyway.
 //!
-//! Modules: [`state`] (stdin state, `config.json`), [`cgroup`] (cgroupsPath forms),
-//! [`identity`] (annotations), [`config`] (flags, env, file), [`policy`] (failure rule),
-//! [`log`] (rotated JSON log), [`agent`] (the agent's methods), [`grpc`] and [`hpack`]
-//! (a one-call HTTP/2 gRPC client), [`hook`] (one invocation), [`alloc`] (the binary's
-//! allocator). The installers live in their own crate and binary, `rthooks-setup`, so
+//! Modules: [`state`] (stdin state, `config.json`), [`container`] (the container model
+//! shared with the agent: cgroupsPath grammar, annotation keys, identity), [`config`]
+//! (flags, env, file), [`policy`] (failure rule), [`log`] (rotated JSON log), [`agent`]
+//! (the agent's methods), [`grpc`] and [`hpack`] (a one-call HTTP/2 gRPC client),
+//! [`hook`] (one invocation), [`alloc`] (the binary's allocator). The installers live in their own crate and binary, `rthooks-setup`, so
 //! the binary the runtime executes for every container holds only the hook.
 pub mod agent;
 pub mod alloc;
-pub mod cgroup;
 pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod hook;
 pub mod hpack;
-pub mod identity;
 pub mod log;
 pub mod policy;
 pub mod state;
 
 pub use error::{Error, Result};
+/// The container model (cgroupsPath grammar, annotation keys, identity) the hook uses.
+pub use rthooks_container as container;

@@ -2,7 +2,8 @@
 //! annotations, CEL), parsing and the whole invocation never panic, and the exit code is
 //! always one of the documented ones.
 use proptest::prelude::*;
-use rthooks_oci_hook::{cgroup, config, hook, policy, state};
+use rthooks_oci_hook::container::cgroup::{self, CgroupPath, CgroupsPath};
+use rthooks_oci_hook::{config, hook, policy, state};
 
 fn json_like() -> impl Strategy<Value = String> {
     // Mix of valid JSON documents of the right shape with odd values, and garbage.
@@ -56,12 +57,17 @@ proptest! {
     #[test]
     fn cgroups_paths(s in "\\PC{0,80}", t in "[a-z0-9_:.-]{0,80}") {
         for p in [&s, &t] {
-            if let Ok(r) = cgroup::resolve(p) {
-                prop_assert!(!r.is_empty());
+            if let Ok(r) = CgroupsPath::parse(p) {
+                let dir = r.dir();
+                prop_assert!(!dir.is_root());
+                prop_assert!(!dir.components().any(|c| c == ".."));
+                let _ = dir.pod_uid();
+                let _ = dir.container_id();
+                let _ = dir.contains(&s);
             }
-            let _ = cgroup::pod_uid_from_path(p);
-            let _ = cgroup::container_id_from_path(p);
-            let _ = cgroup::is_within(p, &s);
+            if let Ok(c) = CgroupPath::clean(p) {
+                let _ = c.contains(&s);
+            }
             let _ = cgroup::unified_path(p);
         }
     }

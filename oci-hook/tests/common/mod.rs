@@ -69,7 +69,7 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 /// The cgroup id of a process's cgroup v2 directory (its inode on cgroup v2).
 pub fn cgroup_id_of_pid(pid: u32) -> (String, u64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let rel = rthooks_oci_hook::cgroup::unified_path(&text)
+    let rel = rthooks_oci_hook::container::cgroup::unified_path(&text)
         .expect("0:: line")
         .to_owned();
     let dir = cgroup2_mount().unwrap().join(rel.trim_start_matches('/'));
