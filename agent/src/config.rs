@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use rthooks_config::{ConfigFile, Layers};
 use serde_json::Value;
 
 use crate::bpf::RequestedMode;
@@ -104,73 +105,75 @@ pub enum LogFormat {
     Json,
 }
 
-/// "500ms", "2s", "1m" or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
-    let v: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => v / 1000.0,
-        "s" => v,
-        "m" => v * 60.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
+pub use rthooks_config::parse_duration;
+
+/// Why the configuration could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error(transparent)]
+    File(#[from] rthooks_config::FileError),
+    /// The file is not YAML (JSON is YAML too) or not a mapping.
+    #[error("config file {} is not a YAML or JSON mapping", path.display())]
+    Yaml {
+        /// The file.
+        path: PathBuf,
+        /// The cause (boxed: serde-saphyr's error is large).
+        #[source]
+        source: Box<crate::yaml::Error>,
+    },
+    /// Keys of the file that cannot be used; the agent refuses to start on any.
+    #[error("config file {}: {}", path.display(), problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Keys {
+        /// The file.
+        path: PathBuf,
+        /// Each unusable key.
+        problems: Vec<rthooks_config::KeyProblem>,
+    },
 }
 
-/// Parses flags, folding in the config file's keys where neither a flag nor its env var
-/// gave a value.
+/// Parses flags and environment, then fills in the values neither gave from the config
+/// file (`config_flag`, whose env variable is `env`), JSON or YAML. `--help`, `--version`
+/// and flag errors exit as usual; every key of the file must be usable.
 pub fn parse_with_file<T: Parser>(
     args: Vec<OsString>,
     config_flag: &str,
     env: &str,
-) -> anyhow::Result<T> {
-    // Parse once as given, so --help, --version and flag errors behave as usual.
-    T::try_parse_from(&args).unwrap_or_else(|e| e.exit());
-    let file = config_path(&args, config_flag).or_else(|| std::env::var_os(env).map(PathBuf::from));
-    let Some(file) = file else {
-        return Ok(T::parse_from(args));
+) -> Result<T, ConfigError> {
+    let layers = Layers::<T>::parse(&args).unwrap_or_else(|e| e.exit());
+    let file = layers
+        .matches()
+        .try_get_one::<PathBuf>(config_flag)
+        .ok()
+        .flatten()
+        .cloned()
+        .or_else(|| std::env::var_os(env).map(PathBuf::from));
+    let Some(path) = file else {
+        return Ok(layers.into_value());
     };
-    let text = std::fs::read_to_string(&file)
-        .map_err(|e| anyhow::anyhow!("config file {}: {e}", file.display()))?;
-    let map =
-        yaml_to_json(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", file.display()))?;
-    let cmd = T::command();
-    let mut from_file: Vec<OsString> = Vec::new();
-    for (key, v) in map {
-        let key = key.as_str();
-        let arg = cmd
-            .get_arguments()
-            .find(|a| a.get_long() == Some(key))
-            .ok_or_else(|| {
-                anyhow::anyhow!("config file {}: unknown key {key:?}", file.display())
-            })?;
-        let flag = format!("--{key}");
-        let on_cli = args.iter().any(|a| {
-            let a = a.to_string_lossy();
-            a == flag || a.starts_with(&format!("{flag}="))
+    let text =
+        std::fs::read_to_string(&path).map_err(|source| rthooks_config::FileError::Read {
+            path: path.clone(),
+            source,
+        })?;
+    let values = yaml_to_json(&text).map_err(|source| ConfigError::Yaml {
+        path: path.clone(),
+        source: Box::new(source),
+    })?;
+    let layered = layers.with_file(
+        &ConfigFile {
+            path: path.clone(),
+            values,
+        },
+        &[],
+    );
+    if !layered.problems.is_empty() {
+        return Err(ConfigError::Keys {
+            path,
+            problems: layered.problems,
         });
-        let in_env = arg.get_env().is_some_and(|e| std::env::var_os(e).is_some());
-        if on_cli || in_env {
-            continue;
-        }
-        match v {
-            Value::Bool(true) => from_file.push(flag.into()),
-            Value::Bool(false) | Value::Null => {}
-            Value::Array(items) => {
-                for item in items {
-                    from_file.push(format!("{flag}={}", scalar(&item)?).into());
-                }
-            }
-            other => from_file.push(format!("{flag}={}", scalar(&other)?).into()),
-        }
     }
-    let mut all = vec![args[0].clone()];
-    all.extend(from_file);
-    all.extend(args.into_iter().skip(1));
-    Ok(T::try_parse_from(all)?)
+    Ok(layered.value)
 }
 
 /// The config file's YAML as the JSON object the layered configuration takes (an empty
@@ -178,30 +181,6 @@ pub fn parse_with_file<T: Parser>(
 pub fn yaml_to_json(text: &str) -> Result<serde_json::Map<String, Value>, crate::yaml::Error> {
     let map: Option<serde_json::Map<String, Value>> = crate::yaml::from_str(text)?;
     Ok(map.unwrap_or_default())
-}
-
-fn scalar(v: &Value) -> anyhow::Result<String> {
-    Ok(match v {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        Value::Bool(b) => b.to_string(),
-        other => anyhow::bail!("config value {other} is not a scalar"),
-    })
-}
-
-fn config_path(args: &[OsString], flag: &str) -> Option<PathBuf> {
-    let long = format!("--{flag}");
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let s = a.to_string_lossy();
-        if s == long {
-            return it.next().map(PathBuf::from);
-        }
-        if let Some(v) = s.strip_prefix(&format!("{long}=")) {
-            return Some(PathBuf::from(v));
-        }
-    }
-    None
 }
 
 #[cfg(test)]
@@ -213,7 +192,10 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
-        assert!(parse_duration("1h").is_err() && parse_duration("x").is_err());
+        // Go syntax everywhere now (the agent used to refuse hours and combinations).
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("x").is_err());
     }
 
     #[test]
@@ -265,5 +247,23 @@ mod tests {
             .collect();
         let e = parse_with_file::<AgentConfig>(args, "config", "RTHOOKS_TEST_UNSET").unwrap_err();
         assert!(e.to_string().contains("unknown key"), "{e}");
+
+        // JSON is read too; lists and bad values are checked as flags would be.
+        std::fs::write(
+            &file,
+            r#"{"allow-uids": [5, 6], "policy-poll": "1h", "enforcement": "sigkill"}"#,
+        )
+        .unwrap();
+        let args: Vec<OsString> = ["rthooks-agent", "--config", file.to_str().unwrap()]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let c: AgentConfig = parse_with_file(args.clone(), "config", "RTHOOKS_TEST_UNSET").unwrap();
+        assert_eq!(c.allow_uids, [5, 6]);
+        assert_eq!(c.policy_poll, Duration::from_secs(3600));
+        assert_eq!(c.enforcement, RequestedMode::Sigkill);
+        std::fs::write(&file, "policy-poll: soon\n").unwrap();
+        let e = parse_with_file::<AgentConfig>(args, "config", "RTHOOKS_TEST_UNSET").unwrap_err();
+        assert!(e.to_string().contains("policy-poll: invalid value"), "{e}");
     }
 }

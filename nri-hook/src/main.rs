@@ -3,53 +3,18 @@
 //! runtime restarts) or as a plugin the runtime launches itself (`NRI_PLUGIN_SOCKET`).
 
 use anyhow::Context as _;
-use clap::Parser;
-use rthooks_nri_hook::nri::{Runner, RunnerConfig, DEFAULT_SOCKET};
-use rthooks_nri_hook::rthooks::{
-    AgentSink, HookSpec, RthooksPlugin, DEFAULT_AGENT_ADDRESS, DEFAULT_HOOK_PATH,
-    DEFAULT_HOOK_TIMEOUT_SECS,
-};
-
-#[derive(Parser, Debug)]
-#[command(name = "rthooks-nri-hook", version, about)]
-struct Args {
-    /// NRI socket to connect to (ignored when the runtime launched us with NRI_PLUGIN_SOCKET).
-    #[arg(long, env = "RTHOOKS_NRI_SOCKET", default_value = DEFAULT_SOCKET)]
-    socket: String,
-    /// Plugin name used for registration (NRI_PLUGIN_NAME wins when set by the runtime).
-    #[arg(long, env = "RTHOOKS_NRI_NAME", default_value = "rthooks")]
-    name: String,
-    /// Plugin index: plugins are called in ascending order (NRI_PLUGIN_IDX wins).
-    #[arg(long, env = "RTHOOKS_NRI_IDX", default_value = "10")]
-    idx: String,
-    /// Path of the OCI hook to inject.
-    #[arg(long, env = "RTHOOKS_HOOK_PATH", default_value = DEFAULT_HOOK_PATH)]
-    hook_path: String,
-    /// The hook's argv (argv[0] first), comma-separated.
-    #[arg(
-        long,
-        env = "RTHOOKS_HOOK_ARGS",
-        value_delimiter = ',',
-        default_value = "rthooks-oci-hook,createRuntime"
-    )]
-    hook_args: Vec<String>,
-    /// Environment for the hook (KEY=value), repeatable.
-    #[arg(long = "hook-env", env = "RTHOOKS_HOOK_ENV", value_delimiter = ',')]
-    hook_env: Vec<String>,
-    /// The hook's OCI timeout in seconds.
-    #[arg(long, env = "RTHOOKS_HOOK_TIMEOUT", default_value_t = DEFAULT_HOOK_TIMEOUT_SECS)]
-    hook_timeout: i64,
-    /// The agent's gRPC address, for Synchronize/RemoveContainer reports ("" or "none" to
-    /// disable).
-    #[arg(long, env = "RTHOOKS_AGENT_ADDRESS", default_value = DEFAULT_AGENT_ADDRESS)]
-    agent_address: String,
-    /// Log filter (tracing EnvFilter syntax).
-    #[arg(long, env = "RTHOOKS_LOG", default_value = "info")]
-    log: String,
-}
+use rthooks_nri_hook::nri::{Runner, RunnerConfig};
+use rthooks_nri_hook::rthooks::{AgentSink, HookSpec, RthooksPlugin};
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = match rthooks_nri_hook::config::parse(std::env::args_os()) {
+        Ok(a) => a,
+        Err(rthooks_nri_hook::config::ConfigError::Flags(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("rthooks-nri-hook: {:#}", anyhow::Error::from(e));
+            std::process::exit(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
         .with_writer(std::io::stderr)

@@ -4,11 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::parser::ValueSource;
-use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
-use serde_json::Value;
-
-use crate::error::{Error, Result};
+use clap::Parser;
+use rthooks_config::{format_duration, parse_duration, ConfigFile, Layers};
 
 pub const DEFAULT_GRPC_ADDRESS: &str = rthooks_api::DEFAULT_AGENT_ADDRESS;
 pub const DEFAULT_GRPC_TIMEOUT: &str = "2s";
@@ -33,7 +30,7 @@ pub struct HookArgs {
     /// Agent gRPC address: unix:///path, or host:port for TCP.
     #[arg(long, env = "RTHOOKS_OCI_HOOK_GRPC_ADDRESS", default_value = DEFAULT_GRPC_ADDRESS)]
     pub grpc_address: String,
-    /// Deadline for the whole agent call (Go duration: 2s, 500ms, 1m).
+    /// Deadline for the whole agent call (Go duration: 2s, 500ms, 1m30s).
     #[arg(long, env = "RTHOOKS_OCI_HOOK_GRPC_TIMEOUT", default_value = DEFAULT_GRPC_TIMEOUT, value_parser = parse_duration)]
     pub grpc_timeout: Duration,
     /// Namespaces whose containers start even when the agent cannot register them.
@@ -115,15 +112,42 @@ pub struct Parsed {
 }
 
 /// Parses a hook command line; `Err` carries clap's error (help, version, bad flag).
+///
+/// A config file problem never fails the hook: it becomes a warning, and the keys that
+/// could not be used are left out (the rest of the file applies).
 pub fn parse<I, T>(args: I) -> std::result::Result<Parsed, clap::Error>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let m = HookArgs::command().try_get_matches_from(args)?;
-    let a = HookArgs::from_arg_matches(&m)?;
+    let layers = Layers::<HookArgs>::parse(args)?;
     let mut warnings = Vec::new();
-    let mut config = Config {
+    let (path, explicit) = match &layers.value().config_file {
+        Some(p) => (Some(p.clone()), true),
+        None => (default_config_path(), false),
+    };
+    let file = path.and_then(|path| match ConfigFile::read_json(&path) {
+        Ok(f) => Some(f),
+        Err(e) if e.is_not_found() && !explicit => None,
+        Err(e) => {
+            warnings.push(format!("ignoring {}", error_chain(&e)));
+            None
+        }
+    });
+    let (a, config_file) = match file {
+        Some(file) => {
+            let layered = layers.with_file(&file, NOT_IN_FILE);
+            warnings.extend(
+                layered
+                    .problems
+                    .iter()
+                    .map(|p| format!("{}: {p}", file.path.display())),
+            );
+            (layered.value, Some(file.path))
+        }
+        None => (layers.into_value(), None),
+    };
+    let config = Config {
         grpc_address: a.grpc_address,
         grpc_timeout: a.grpc_timeout,
         fail_allow_namespaces: clean(a.fail_allow_namespaces),
@@ -136,31 +160,28 @@ where
         log_max_backups: a.log_max_backups,
         disable_grpc: a.disable_grpc,
         fail_open: a.fail_open,
-        config_file: None,
+        config_file,
     };
-    let (path, explicit) = match a.config_file {
-        Some(p) => (Some(p), true),
-        None => (default_config_path(), false),
-    };
-    if let Some(path) = path {
-        match std::fs::read(&path) {
-            Ok(bytes) => match apply_file(&mut config, &m, &bytes) {
-                Ok(w) => {
-                    warnings.extend(w.into_iter().map(|w| format!("{}: {w}", path.display())));
-                    config.config_file = Some(path);
-                }
-                Err(e) => warnings.push(format!("ignoring config file {}: {e}", path.display())),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {}
-            Err(e) => warnings.push(format!("ignoring config file {}: {e}", path.display())),
-        }
-    }
     Ok(Parsed {
         stage: a.stage,
         just_print_config: a.just_print_config,
         config,
         warnings,
     })
+}
+
+/// Flags that make no sense in the file: the file's own path, and what only one
+/// invocation can ask for.
+const NOT_IN_FILE: &[&str] = &["config_file", "just_print_config"];
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
 }
 
 fn clean(v: Vec<String>) -> Vec<String> {
@@ -172,171 +193,7 @@ fn clean(v: Vec<String>) -> Vec<String> {
 
 /// `rthooks-oci-hook.json` in the directory of the (symlink-resolved) running binary.
 pub fn default_config_path() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let exe = std::fs::canonicalize(&exe).unwrap_or(exe);
-    Some(exe.parent()?.join(CONFIG_FILE_NAME))
-}
-
-fn from_flag_or_env(m: &ArgMatches, id: &str) -> bool {
-    matches!(
-        m.value_source(id),
-        Some(ValueSource::CommandLine) | Some(ValueSource::EnvVariable)
-    )
-}
-
-/// Applies a JSON config file to the values that neither a flag nor the environment set.
-/// Returns warnings (unknown keys).
-pub fn apply_file(config: &mut Config, m: &ArgMatches, bytes: &[u8]) -> Result<Vec<String>> {
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| Error::Config(e.to_string()))?;
-    let Value::Object(obj) = v else {
-        return Err(Error::Config("not a JSON object".into()));
-    };
-    let mut warnings = Vec::new();
-    // Building clap's command is not free: once, not per key.
-    let ids: Vec<String> = HookArgs::command()
-        .get_arguments()
-        .map(|a| a.get_id().to_string())
-        .collect();
-    for (key, val) in &obj {
-        let id = key.replace('-', "_");
-        let known = ids.contains(&id);
-        if !known || matches!(id.as_str(), "stage" | "config_file" | "just_print_config") {
-            warnings.push(format!("unknown key {key:?}"));
-            continue;
-        }
-        if from_flag_or_env(m, &id) {
-            continue;
-        }
-        let bad = |what: &str| Error::Config(format!("{key}: expected {what}"));
-        match id.as_str() {
-            "grpc_address" => config.grpc_address = as_str(val).ok_or_else(|| bad("a string"))?,
-            "grpc_timeout" => {
-                config.grpc_timeout = match val {
-                    Value::Number(n) => n
-                        .as_f64()
-                        .filter(|f| f.is_finite() && *f >= 0.0)
-                        .map(Duration::from_secs_f64)
-                        .ok_or_else(|| bad("a duration"))?,
-                    _ => parse_duration(&as_str(val).ok_or_else(|| bad("a duration"))?)
-                        .map_err(|e| Error::Config(format!("{key}: {e}")))?,
-                }
-            }
-            "fail_allow_namespaces" => {
-                config.fail_allow_namespaces = as_list(val).ok_or_else(|| bad("a list"))?
-            }
-            "fail_allow_namespaces_regex" => {
-                config.fail_allow_namespaces_regex = as_list(val).ok_or_else(|| bad("a list"))?
-            }
-            "annotations_namespace_key" => {
-                config.annotations_namespace_key = as_list(val).ok_or_else(|| bad("a list"))?
-            }
-            "fail_cel_expr" => {
-                config.fail_cel_expr = as_str(val).filter(|s| !s.trim().is_empty());
-            }
-            "log_fname" => config.log_fname = as_str(val).ok_or_else(|| bad("a string"))?.into(),
-            "log_level" => config.log_level = as_str(val).ok_or_else(|| bad("a string"))?,
-            "log_max_size" => config.log_max_size = val.as_u64().ok_or_else(|| bad("a number"))?,
-            "log_max_backups" => {
-                config.log_max_backups = val
-                    .as_u64()
-                    .and_then(|n| u32::try_from(n).ok())
-                    .ok_or_else(|| bad("a number"))?
-            }
-            "disable_grpc" => config.disable_grpc = as_bool(val).ok_or_else(|| bad("a boolean"))?,
-            "fail_open" => config.fail_open = as_bool(val).ok_or_else(|| bad("a boolean"))?,
-            _ => warnings.push(format!("unsupported key {key:?}")),
-        }
-    }
-    Ok(warnings)
-}
-
-fn as_str(v: &Value) -> Option<String> {
-    v.as_str().map(str::to_owned)
-}
-
-fn as_bool(v: &Value) -> Option<bool> {
-    match v {
-        Value::Bool(b) => Some(*b),
-        Value::String(s) => s.parse().ok(),
-        _ => None,
-    }
-}
-
-/// A list given as a JSON array or a comma-separated string.
-fn as_list(v: &Value) -> Option<Vec<String>> {
-    match v {
-        Value::String(s) => Some(clean(s.split(',').map(str::to_owned).collect())),
-        Value::Array(a) => a
-            .iter()
-            .map(|x| x.as_str().map(str::to_owned))
-            .collect::<Option<Vec<_>>>()
-            .map(clean),
-        _ => None,
-    }
-}
-
-/// Parses a Go-style duration (`2s`, `1.5s`, `500ms`, `1m30s`, `250us`); a bare number is
-/// seconds.
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    if let Ok(secs) = s.parse::<f64>() {
-        return secs_to_duration(secs, s);
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("duration {s:?} lacks a unit"))?;
-        if num_end == 0 {
-            return Err(format!("invalid duration {s:?}"));
-        }
-        let n: f64 = rest[..num_end]
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}"))?;
-        rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_end] {
-            "ns" => 1e-9,
-            "us" | "µs" | "μs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            u => return Err(format!("unknown unit {u:?} in duration {s:?}")),
-        };
-        total += n * scale;
-        rest = &rest[unit_end..];
-    }
-    secs_to_duration(total, s)
-}
-
-fn secs_to_duration(secs: f64, s: &str) -> std::result::Result<Duration, String> {
-    if !secs.is_finite() || !(0.0..=86400.0).contains(&secs) {
-        return Err(format!("duration {s:?} out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-/// Formats a duration the way Go would for the common cases.
-pub fn format_duration(d: Duration) -> String {
-    let ns = d.as_nanos();
-    if ns == 0 {
-        "0s".into()
-    } else if ns.is_multiple_of(1_000_000_000) {
-        format!("{}s", ns / 1_000_000_000)
-    } else if ns.is_multiple_of(1_000_000) {
-        format!("{}ms", ns / 1_000_000)
-    } else if ns.is_multiple_of(1_000) {
-        format!("{}us", ns / 1_000)
-    } else {
-        format!("{ns}ns")
-    }
+    rthooks_config::beside_binary(CONFIG_FILE_NAME)
 }
 
 impl Config {
@@ -415,16 +272,22 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        // The shared Go syntax (rthooks-config tests it in full), hours included.
+        let c = p(&["--grpc-timeout", "1m30s"]).config;
+        assert_eq!(c.grpc_timeout, Duration::from_secs(90));
+        assert_eq!(
+            p(&["--grpc-timeout=1.5"]).config.grpc_timeout,
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            p(&["--grpc-timeout=1h"]).config.grpc_timeout,
+            Duration::from_secs(3600)
+        );
         for bad in ["", "s", "10x", "-1s", "1e400", "ms5"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
+            let mut v = vec!["h", "--grpc-timeout", bad];
+            v.extend_from_slice(&["--config-file", "/nonexistent/rthooks-oci-hook.json"]);
+            assert!(parse(v).is_err(), "{bad}");
         }
-        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
-        assert_eq!(format_duration(Duration::from_secs(2)), "2s");
     }
 
     #[test]
@@ -470,5 +333,27 @@ mod tests {
         let c = parse(["h", "--config-file", f.to_str().unwrap()]).unwrap();
         assert_eq!(c.warnings.len(), 1);
         assert_eq!(c.config.grpc_timeout, Duration::from_secs(2));
+        assert_eq!(c.config.config_file, None);
+        // A bad value costs its key only, with the reason; the rest of the file applies.
+        std::fs::write(
+            &f,
+            r#"{"grpc-timeout":"2d","log-max-backups":-1,"just-print-config":true,"log-level":"debug"}"#,
+        )
+        .unwrap();
+        let c = parse(["h", "--config-file", f.to_str().unwrap()]).unwrap();
+        assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
+        assert!(
+            c.warnings.iter().any(|w| w.contains("unknown unit \"d\"")),
+            "{:?}",
+            c.warnings
+        );
+        assert_eq!(c.config.grpc_timeout, Duration::from_secs(2));
+        assert_eq!(c.config.log_max_backups, 3);
+        assert!(!c.just_print_config);
+        assert_eq!(c.config.log_level, "debug");
+        // An explicitly named file that is missing is worth a warning; the default one not.
+        let c = parse(["h", "--config-file", "/nonexistent/c.json"]).unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("No such file"), "{:?}", c.warnings);
     }
 }

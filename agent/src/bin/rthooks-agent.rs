@@ -6,7 +6,7 @@ async fn main() {
         match config::parse_with_file(std::env::args_os().collect(), "config", "RTHOOKS_CONFIG") {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("rthooks-agent: {e:#}");
+                eprintln!("rthooks-agent: {:#}", anyhow::Error::from(e));
                 std::process::exit(2);
             }
         };
