@@ -316,7 +316,7 @@ impl RthooksPlugin {
     /// Applies a runtime-supplied configuration (see [`RuntimeConfig`]).
     pub fn apply_config(&self, text: &str) -> PluginResult<()> {
         let cfg: RuntimeConfig = serde_json::from_str(text)
-            .map_err(|e| PluginError::new(format!("invalid plugin configuration: {e}")))?;
+            .map_err(|e| PluginError::with_source("invalid plugin configuration", e))?;
         {
             let mut hook = self.hook.write().unwrap();
             if let Some(p) = cfg.hook_path {

@@ -187,9 +187,11 @@ impl PluginProcess {
 
 impl Drop for PluginProcess {
     fn drop(&mut self) {
-        // SIGTERM (a clean stop) to our own child, by pid.
-        // SAFETY: kill(2) on a pid we spawned and have not reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // SIGTERM (a clean stop) to our own child, by pid: not reaped yet, so it is ours.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let _ = self.child.wait();
     }
 }

@@ -62,15 +62,45 @@ impl EventMask {
     }
 }
 
-/// An error a plugin returns to the runtime (it becomes a ttrpc status).
+/// An error a plugin returns to the runtime (it becomes a ttrpc status whose message is
+/// this error and its causes).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct PluginError(pub String);
+#[error("{message}")]
+pub struct PluginError {
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
 
 impl PluginError {
     /// An error with this message.
     pub fn new(msg: impl Into<String>) -> Self {
-        PluginError(msg.into())
+        PluginError {
+            message: msg.into(),
+            source: None,
+        }
+    }
+
+    /// An error with this message, caused by `source`.
+    pub fn with_source(
+        msg: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        PluginError {
+            message: msg.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// The message and every cause, `: `-separated (what the runtime is told).
+    pub fn report(&self) -> String {
+        let mut text = self.message.clone();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            text.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        text
     }
 }
 
@@ -229,7 +259,7 @@ impl<P: Plugin> Service<P> {
 }
 
 fn status(e: PluginError) -> ttrpc::Error {
-    ttrpc::error::get_rpc_status(ttrpc::Code::UNKNOWN, e.0)
+    ttrpc::error::get_rpc_status(ttrpc::Code::UNKNOWN, e.report())
 }
 
 fn pod(p: &protobuf::MessageField<PodSandbox>) -> &PodSandbox {
@@ -510,7 +540,7 @@ impl<P: Plugin> nri_ttrpc::Plugin for Service<P> {
         let mut rsp = api::ValidateContainerAdjustmentResponse::new();
         if let Err(e) = self.plugin.validate_container_adjustment(&req).await {
             rsp.reject = true;
-            rsp.reason = e.0;
+            rsp.reason = e.report();
         }
         Ok(rsp)
     }

@@ -34,18 +34,33 @@ pub enum NriError {
         /// The cause.
         source: std::io::Error,
     },
-    /// `NRI_PLUGIN_SOCKET` is not a usable fd.
-    #[error("invalid {ENV_PLUGIN_SOCKET}={0:?}: {1}")]
-    BadPrelaunchedSocket(String, String),
+    /// `NRI_PLUGIN_SOCKET` is not a number.
+    #[error("invalid {ENV_PLUGIN_SOCKET}={value:?}: not a file descriptor number")]
+    PrelaunchedSocketNotANumber {
+        /// The variable's value.
+        value: String,
+        /// The cause.
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    /// `NRI_PLUGIN_SOCKET` names a descriptor that is not open.
+    #[error("invalid {ENV_PLUGIN_SOCKET}={fd}: the descriptor is not open")]
+    PrelaunchedSocketNotOpen {
+        /// The descriptor.
+        fd: i32,
+        /// The cause.
+        #[source]
+        source: nix::Error,
+    },
     /// The runtime refused or did not answer RegisterPlugin.
-    #[error("registering plugin: {0}")]
-    Register(String),
+    #[error("registering plugin")]
+    Register(#[source] ttrpc::Error),
     /// The runtime did not configure the plugin in time after registration.
     #[error("runtime did not configure the plugin within {0:?}")]
     ConfigureTimeout(Duration),
     /// Starting the ttrpc server failed.
-    #[error("ttrpc server: {0}")]
-    Server(String),
+    #[error("starting the ttrpc server")]
+    Server(#[source] ttrpc::Error),
     /// The connection ended before the plugin was configured.
     #[error("connection ended before configuration: {0:?}")]
     EndedEarly(MuxEnd),
@@ -111,12 +126,20 @@ impl RunnerConfig {
         }
         if let Ok(fd) = std::env::var(ENV_PLUGIN_SOCKET) {
             if !fd.is_empty() {
-                let n: i32 = fd.parse().map_err(|e: std::num::ParseIntError| {
-                    NriError::BadPrelaunchedSocket(fd.clone(), e.to_string())
-                })?;
-                // SAFETY: fcntl(F_GETFD) only checks that the fd is open.
-                if n < 0 || unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
-                    return Err(NriError::BadPrelaunchedSocket(fd, "fd is not open".into()));
+                let n: i32 =
+                    fd.parse()
+                        .map_err(|source| NriError::PrelaunchedSocketNotANumber {
+                            value: fd.clone(),
+                            source,
+                        })?;
+                // F_GETFD only asks whether the descriptor is open.
+                let open = if n < 0 {
+                    Err(nix::Error::EBADF)
+                } else {
+                    nix::fcntl::fcntl(n, nix::fcntl::FcntlArg::F_GETFD)
+                };
+                if let Err(source) = open {
+                    return Err(NriError::PrelaunchedSocketNotOpen { fd: n, source });
                 }
                 // SAFETY: the runtime handed this fd to us and nothing else in the process
                 // owns it; we take it exactly once (the variable is removed).
@@ -261,10 +284,7 @@ impl<P: Plugin> Runner<P> {
         let mut server = ttrpc::r#async::Server::new()
             .register_service(nri_ttrpc::create_plugin(service))
             .add_listener(listener);
-        server
-            .start()
-            .await
-            .map_err(|e| NriError::Server(e.to_string()))?;
+        server.start().await.map_err(NriError::Server)?;
 
         let client =
             nri_ttrpc::RuntimeClient::new(ttrpc::r#async::Client::new(Socket::new(runtime_conn)));
@@ -278,7 +298,7 @@ impl<P: Plugin> Runner<P> {
             &req,
         );
         tokio::select! {
-            r = reg => { r.map_err(|e| NriError::Register(e.to_string()))?; }
+            r = reg => { r.map_err(NriError::Register)?; }
             end = mux.closed() => return Err(NriError::EndedEarly(end)),
         }
 

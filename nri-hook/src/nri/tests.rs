@@ -329,5 +329,19 @@ fn a_bad_prelaunched_fd_is_an_error() {
     std::env::set_var(super::ENV_PLUGIN_SOCKET, "not-a-number");
     let r = RunnerConfig::new("a", "10", "/x").with_env();
     std::env::remove_var(super::ENV_PLUGIN_SOCKET);
-    assert!(matches!(r, Err(super::NriError::BadPrelaunchedSocket(..))));
+    assert!(matches!(
+        r,
+        Err(super::NriError::PrelaunchedSocketNotANumber { .. })
+    ));
+    // A number, but no such descriptor: the cause is the kernel's answer.
+    std::env::set_var(super::ENV_PLUGIN_SOCKET, "987654");
+    let r = RunnerConfig::new("a", "10", "/x").with_env();
+    std::env::remove_var(super::ENV_PLUGIN_SOCKET);
+    assert!(matches!(
+        r,
+        Err(super::NriError::PrelaunchedSocketNotOpen {
+            fd: 987654,
+            source: nix::Error::EBADF
+        })
+    ));
 }
