@@ -6,6 +6,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod hookbench;
 mod run;
 mod setup;
 mod util;
@@ -39,6 +40,9 @@ enum Command {
     Demo,
     /// Run the benchmarks and print their figures (exec overhead, hook registration).
     Bench,
+    /// Measure `rthooks-oci-hook createRuntime` against the real agent with hyperfine
+    /// (root; build the hook and agent in release first). Prints p50/p90/p99.
+    BenchHook(hookbench::BenchHookArgs),
     /// Build and start the agent here with the sample policies (deploy/policies).
     RunAgent {
         /// Extra agent flags (see `rthooks-agent --help`).
@@ -91,6 +95,7 @@ fn main() -> Result<()> {
         Command::Build => build_release(),
         Command::Test { no_e2e, args } => test(&args, !no_e2e),
         Command::RunAgent { args } => run::run_agent(&args),
+        Command::BenchHook(args) => hookbench::bench_hook(&args),
         Command::Demo => vm::demo(),
         Command::Bench => {
             util::cargo(&["bench", "-p", "rthooks-agent", "--bench", "exec_overhead"])

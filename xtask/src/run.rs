@@ -1,10 +1,14 @@
 //! `cargo xtask run-agent`: build and start the agent on this machine with the sample
 //! policies from `deploy/policies`, events on stdout and metrics on 127.0.0.1:9810.
-use std::process::Command;
+//! Started through the shared launcher (`rthooks-testkit`), like the tests and benches.
+use anyhow::{bail, Context, Result};
+use rthooks_testkit::{AgentSpec, Output};
 
-use anyhow::{bail, Result};
+use crate::util::{cargo, effective_uid, workspace_root};
 
-use crate::util::{cargo, run, workspace_root};
+/// The agent's own defaults, so that `rthooksctl` finds it without `--address`.
+const SOCKET: &str = "/run/rthooks/agent.sock";
+const PIN_DIR: &str = "/sys/fs/bpf/rthooks";
 
 pub fn run_agent(extra: &[String]) -> Result<()> {
     if effective_uid() != 0 {
@@ -19,31 +23,29 @@ pub fn run_agent(extra: &[String]) -> Result<()> {
         "rthooks-oci-hook",
     ])?;
     let root = workspace_root();
-    let state = root.join("target/run/state");
-    std::fs::create_dir_all(&state)?;
-    eprintln!(
-        "starting rthooks-agent with the policies in deploy/policies (events below, metrics on http://127.0.0.1:9810/metrics);\n\
-         in another shell: target/release/rthooksctl status | containers | policies list | events"
-    );
-    run(Command::new(root.join("target/release/rthooks-agent"))
-        .arg(format!(
-            "--policy-dir={}",
-            root.join("deploy/policies").display()
-        ))
-        .arg(format!("--state-dir={}", state.display()))
-        .arg("--events-file=-")
+    let run_dir = root.join("target/run");
+    let mut agent = AgentSpec::new(root.join("target/release/rthooks-agent"))
+        .dir(&run_dir)
+        .socket(SOCKET)
+        .pin_dir(PIN_DIR)
+        // Enforcement outlives the agent by design; `rthooks-agent --unpin` removes it.
+        .keep_pins()
+        .policy_dir(root.join("deploy/policies"))
+        .state_dir(run_dir.join("state"))
+        .events_file("-")
+        .output(Output::Inherit)
         .arg("--metrics-address=127.0.0.1:9810")
-        .args(extra))
-}
-
-fn effective_uid() -> u32 {
-    // Read from /proc to avoid a libc dependency in xtask.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(u32::MAX)
+        .args(extra)
+        .start()?;
+    eprintln!(
+        "rthooks-agent is serving {} with the policies in deploy/policies (events below, \
+         metrics on http://127.0.0.1:9810/metrics);\n\
+         in another shell: target/release/rthooksctl status | containers | policies list | events",
+        agent.address()
+    );
+    let status = agent.wait().context("waiting for the agent")?;
+    match status {
+        Some(s) if !s.success() => bail!("rthooks-agent exited with {s}"),
+        _ => Ok(()),
+    }
 }

@@ -58,3 +58,15 @@ pub fn target_dir() -> PathBuf {
         })
         .unwrap_or_else(|| workspace_root().join("target"))
 }
+
+/// The effective uid, from /proc (xtask needs no libc for it).
+pub fn effective_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(u32::MAX)
+}

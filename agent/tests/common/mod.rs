@@ -7,24 +7,12 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus, Stdio};
 
-use rthooks_api::tetragon::fine_guidance_sensors_client::FineGuidanceSensorsClient;
-use rthooks_api::tetragon::{runtime_hook_request, CreateContainer, RuntimeHookRequest};
-use rthooks_api::v1;
-use rthooks_api::v1::agent_client::AgentClient;
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    )
-}
+use rthooks_api::tetragon::CreateContainer;
+// Each test binary and the bench use a different part of this module.
+#[allow(unused_imports)]
+pub use rthooks_testkit::{unique, wait_for, Agent, AgentSpec};
 
 /// Root, a cgroup v2 mount and a working BPF syscall are needed; without them the test
 /// says why and passes vacuously (CI runs as root, where they must run).
@@ -48,254 +36,49 @@ pub fn cgroup_root() -> PathBuf {
     rthooks_agent::cgroup::detect_root().unwrap()
 }
 
-/// Polls `f` until it returns Some, failing the test after `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-pub struct Agent {
-    pub dir: tempfile::TempDir,
-    pub pin_dir: PathBuf,
-    pub socket: PathBuf,
-    pub args: Vec<String>,
-    child: Option<Child>,
-    rt: tokio::runtime::Runtime,
-}
-
-impl Agent {
-    pub fn start(extra: &[&str]) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("policies")).unwrap();
-        let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("rthooks-test"));
-        let socket = dir.path().join("agent.sock");
-        let mut args: Vec<String> = vec![
-            format!("--grpc-address=unix://{}", socket.display()),
-            format!("--bpf-pin-dir={}", pin_dir.display()),
-            format!("--policy-dir={}", dir.path().join("policies").display()),
-            format!("--state-dir={}", dir.path().join("state").display()),
-            format!(
-                "--events-file={}",
-                dir.path().join("events.jsonl").display()
-            ),
-            "--policy-poll=50ms".into(),
-            "--reconcile-interval=1s".into(),
-            "--log-level=debug".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut agent = Agent {
-            dir,
-            pin_dir,
-            socket,
-            args,
-            child: None,
-            rt,
-        };
-        agent.spawn();
-        agent
-    }
-
-    pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("agent.log"))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_rthooks-agent"))
-            .args(&self.args)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("agent exited with {status}:\n{}", self.log());
-            }
-            if self.socket.exists() && self.rt.block_on(self.try_status()).is_some() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not become ready:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL: no clean-up of any kind, like a crash or an OOM kill.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, then the exit status (None if it is still running after `timeout`).
-    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let mut c = self.child.take()?;
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let start = Instant::now();
-        loop {
-            if let Some(status) = c.try_wait().unwrap() {
-                return Some(status);
-            }
-            if start.elapsed() > timeout {
-                let _ = c.kill();
-                let _ = c.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
-    }
-
-    pub fn policy_dir(&self) -> PathBuf {
-        self.dir.path().join("policies")
-    }
-
-    pub fn events(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.path().join("events.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    async fn try_status(&self) -> Option<v1::StatusResponse> {
-        let ch = rthooks_api::client::connect_unix(self.socket.to_str()?, Duration::from_secs(1))
-            .await
-            .ok()?;
-        AgentClient::new(ch)
-            .status(v1::StatusRequest {})
-            .await
-            .ok()
-            .map(|r| r.into_inner())
-    }
-
-    fn channel(&self) -> tonic::transport::Channel {
-        self.rt
-            .block_on(rthooks_api::client::connect_unix(
-                self.socket.to_str().unwrap(),
-                Duration::from_secs(5),
-            ))
-            .unwrap()
-    }
-
-    fn api(&self) -> AgentClient<tonic::transport::Channel> {
-        AgentClient::new(self.channel())
-    }
-
-    pub fn status(&self) -> v1::StatusResponse {
-        self.rt.block_on(self.try_status()).expect("status")
-    }
-
-    pub fn containers(&self) -> Vec<v1::Container> {
-        let mut api = self.api();
-        self.rt
-            .block_on(api.list_containers(v1::ListContainersRequest {}))
-            .unwrap()
-            .into_inner()
-            .containers
-    }
-
-    pub fn policies(&self) -> Vec<v1::Policy> {
-        let mut api = self.api();
-        self.rt
-            .block_on(api.list_policies(v1::ListPoliciesRequest {}))
-            .unwrap()
-            .into_inner()
-            .policies
-    }
-
-    /// "lsm" or "sigkill".
-    pub fn mode(&self) -> String {
-        self.status().enforcement_mode
-    }
-
+/// The agent as these tests run it: the shared launcher ([`rthooks_testkit`]) with this
+/// build's binary, fast policy polling and reconciling, debug logs, and `extra` flags.
+pub trait AgentExt {
+    /// Starts an agent (panics with its log when it does not come up).
+    fn start(extra: &[&str]) -> Agent;
+    /// Starts it again after [`Agent::kill`], with the same flags.
+    fn spawn(&mut self);
     /// A Deny as this agent's mode carries it out: EPERM in lsm mode, SIGKILL otherwise.
-    pub fn denied(&self, outcome: &Outcome) -> bool {
+    fn denied(&self, outcome: &Outcome) -> bool;
+    /// The action events report for a Deny in this mode.
+    fn deny_action(&self) -> &'static str;
+}
+
+impl AgentExt for Agent {
+    fn start(extra: &[&str]) -> Agent {
+        AgentSpec::new(env!("CARGO_BIN_EXE_rthooks-agent"))
+            .args([
+                "--policy-poll=50ms",
+                "--reconcile-interval=1s",
+                "--log-level=debug",
+            ])
+            .args(extra)
+            .start()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn spawn(&mut self) {
+        self.respawn().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn denied(&self, outcome: &Outcome) -> bool {
         match self.mode().as_str() {
             "lsm" => matches!(outcome, Outcome::ExecDenied),
             _ => matches!(outcome, Outcome::Killed),
         }
     }
 
-    /// The action events report for a Deny in this mode.
-    pub fn deny_action(&self) -> &'static str {
+    fn deny_action(&self) -> &'static str {
         if self.mode() == "lsm" {
             "deny"
         } else {
             "kill"
         }
-    }
-
-    pub fn map_entries(&self, name: &str) -> u64 {
-        self.status()
-            .maps
-            .iter()
-            .find(|m| m.name == name)
-            .unwrap()
-            .entries
-    }
-
-    pub fn add_policy(&self, yaml: &str) -> Result<v1::Policy, tonic::Status> {
-        let mut api = self.api();
-        self.rt
-            .block_on(api.add_policy(v1::AddPolicyRequest { yaml: yaml.into() }))
-            .map(|r| r.into_inner().policy.unwrap())
-    }
-
-    pub fn delete_policy(&self, name: &str) -> Result<(), tonic::Status> {
-        let mut api = self.api();
-        self.rt
-            .block_on(api.delete_policy(v1::DeletePolicyRequest {
-                name: name.into(),
-                namespace: String::new(),
-            }))
-            .map(|_| ())
-    }
-
-    pub fn check_policy(&self, yaml: &str) -> Vec<v1::Container> {
-        let mut api = self.api();
-        self.rt
-            .block_on(api.check_policy(v1::CheckPolicyRequest { yaml: yaml.into() }))
-            .unwrap()
-            .into_inner()
-            .selected
-    }
-
-    /// What the OCI hook sends, through the same gRPC method.
-    pub fn runtime_hook(&self, req: CreateContainer) -> Result<(), tonic::Status> {
-        let mut client = FineGuidanceSensorsClient::new(self.channel());
-        self.rt
-            .block_on(client.runtime_hook(RuntimeHookRequest {
-                event: Some(runtime_hook_request::Event::CreateContainer(req)),
-            }))
-            .map(|_| ())
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill();
-        // Unpinning detaches this agent's programs.
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
 

@@ -4,22 +4,9 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
-use rthooks_api::v1;
-use rthooks_api::v1::agent_client::AgentClient;
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    )
-}
+pub use rthooks_testkit::{unique, Agent, AgentSpec};
 
 pub const BUSYBOX: &str = "/bin/busybox";
 
@@ -83,119 +70,40 @@ pub fn hook_exe() -> PathBuf {
 /// The agent binary: `RTHOOKS_AGENT_BIN`, else beside this build's binaries (`cargo xtask
 /// test` builds every binary first), else another profile's.
 pub fn agent_exe() -> PathBuf {
-    workspace_binary("rthooks-agent", "RTHOOKS_AGENT_BIN")
+    rthooks_testkit::find_agent_exe(&hook_exe()).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The installers' binary, found as [`agent_exe`] finds the agent.
+/// The installers' binary, found as [`agent_exe`] finds the agent (`RTHOOKS_SETUP_BIN`).
 pub fn setup_exe() -> PathBuf {
-    workspace_binary("rthooks-setup", "RTHOOKS_SETUP_BIN")
+    rthooks_testkit::find_binary("rthooks-setup", "RTHOOKS_SETUP_BIN", &hook_exe())
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Another package's binary: `$env`, else beside this build's binaries, else another
-/// profile's.
-fn workspace_binary(name: &str, env: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(env) {
-        return p.into();
-    }
-    let hook = hook_exe();
-    let profile_dir = hook.parent().unwrap().to_owned();
-    let target = profile_dir.parent().unwrap().to_owned();
-    for d in [profile_dir, target.join("debug"), target.join("release")] {
-        let p = d.join(name);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!(
-        "{name} binary not found beside {}: build it first (`cargo build -p {name}`) or set {env}",
-        hook.display()
-    );
-}
-
-pub struct Agent {
-    pub dir: tempfile::TempDir,
-    pub socket: PathBuf,
-    pin_dir: PathBuf,
-    child: Option<Child>,
-    rt: tokio::runtime::Runtime,
-}
-
-impl Agent {
-    pub fn start() -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("policies")).unwrap();
-        let socket = dir.path().join("agent.sock");
-        let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("rthooks-hooktest"));
-        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-        let child = Command::new(agent_exe())
-            .arg(format!("--grpc-address=unix://{}", socket.display()))
-            .arg(format!("--bpf-pin-dir={}", pin_dir.display()))
-            .arg(format!(
-                "--policy-dir={}",
-                dir.path().join("policies").display()
-            ))
-            .arg(format!(
-                "--state-dir={}",
-                dir.path().join("state").display()
-            ))
-            .arg("--trust-label-annotation")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut a = Agent {
-            dir,
-            socket,
-            pin_dir,
-            child: Some(child),
-            rt,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(st) = a.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("agent exited with {st}:\n{}", a.log());
-            }
-            if a.socket.exists() && a.try_list().is_some() {
-                return a;
-            }
-            assert!(Instant::now() < deadline, "agent not ready:\n{}", a.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn address(&self) -> String {
-        format!("unix://{}", self.socket.display())
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
-    }
-
-    fn try_list(&self) -> Option<Vec<v1::Container>> {
-        self.rt.block_on(async {
-            let ch = rthooks_api::client::connect_unix(&self.address(), Duration::from_secs(2))
-                .await
-                .ok()?;
-            let r = AgentClient::new(ch)
-                .list_containers(v1::ListContainersRequest {})
-                .await
-                .ok()?;
-            Some(r.into_inner().containers)
-        })
-    }
-
-    /// `ListContainers`, as `rthooksctl containers -o json` shows it.
-    pub fn containers(&self) -> Vec<v1::Container> {
-        self.try_list().expect("ListContainers")
-    }
-
+/// The agent as the hook's tests run it: the shared launcher ([`rthooks_testkit`]),
+/// trusting the label annotation the bundles carry.
+pub trait HookTestAgent {
+    /// Starts an agent (panics with its log when it does not come up).
+    fn start() -> Agent;
+    /// Kills it (its socket file stays behind, as after a crash).
+    fn stop(&mut self);
     /// `rthooksctl --address … containers -o json`, when `rthooksctl` was built beside
     /// the agent.
-    pub fn rthooksctl_containers(&self) -> Option<Vec<serde_json::Value>> {
+    fn rthooksctl_containers(&self) -> Option<Vec<serde_json::Value>>;
+}
+
+impl HookTestAgent for Agent {
+    fn start() -> Agent {
+        AgentSpec::new(agent_exe())
+            .arg("--trust-label-annotation")
+            .start()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn stop(&mut self) {
+        self.kill();
+    }
+
+    fn rthooksctl_containers(&self) -> Option<Vec<serde_json::Value>> {
         let ctl = agent_exe().with_file_name("rthooksctl");
         if !ctl.is_file() {
             eprintln!("note: no rthooksctl beside the agent; checked through the API only");
@@ -207,20 +115,6 @@ impl Agent {
             .unwrap();
         assert!(out.status.success(), "rthooksctl: {out:?}");
         Some(serde_json::from_slice(&out.stdout).unwrap())
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
 
