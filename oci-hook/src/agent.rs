@@ -6,7 +6,7 @@ use prost::Message;
 use rthooks_api::tetragon;
 
 use crate::error::{Error, Result};
-use crate::grpc::{self, CallError, Target};
+use crate::grpc::{CallError, Target};
 use crate::state::Bundle;
 use rthooks_container::{CgroupPath, ContainerIdentity};
 
@@ -45,7 +45,11 @@ pub fn create_container_request(
 }
 
 fn call(address: &str, timeout: Duration, path: &str, message: &[u8]) -> Result<Vec<u8>> {
-    grpc::unary(&Target::parse(address), path, message, timeout).map_err(|e| match e {
+    #[cfg(not(feature = "client-h2"))]
+    let unary = crate::grpc::unary;
+    #[cfg(feature = "client-h2")]
+    let unary = crate::grpc_h2::unary;
+    unary(&Target::parse(address), path, message, timeout).map_err(|e| match e {
         CallError::Timeout => Error::AgentTimeout {
             address: address.to_owned(),
             timeout_ms: timeout.as_millis(),

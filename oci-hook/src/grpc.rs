@@ -121,7 +121,7 @@ impl Target {
         Target::Tcp(hostport.trim_end_matches('/').to_owned())
     }
 
-    fn authority(&self) -> &str {
+    pub(crate) fn authority(&self) -> &str {
         match self {
             // Any authority does for a UNIX socket; this is what gRPC clients send.
             Target::Unix(_) => "localhost",
@@ -130,9 +130,18 @@ impl Target {
     }
 }
 
-enum Stream {
+/// A connected, non-blocking socket.
+pub(crate) enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+}
+
+/// Connects to the agent before the deadline.
+pub(crate) fn connect(target: &Target, deadline: Instant) -> Result<Stream, CallError> {
+    Ok(match target {
+        Target::Unix(p) => Stream::Unix(connect_unix(p, deadline)?),
+        Target::Tcp(h) => Stream::Tcp(connect_tcp(h, deadline)?),
+    })
 }
 
 impl Stream {
@@ -272,12 +281,8 @@ fn connect_tcp(hostport: &str, deadline: Instant) -> Result<TcpStream, CallError
 
 impl Conn {
     fn connect(target: &Target, deadline: Instant) -> Result<Conn, CallError> {
-        let stream = match target {
-            Target::Unix(p) => Stream::Unix(connect_unix(p, deadline)?),
-            Target::Tcp(h) => Stream::Tcp(connect_tcp(h, deadline)?),
-        };
         Ok(Conn {
-            stream,
+            stream: connect(target, deadline)?,
             deadline,
             rbuf: Vec::with_capacity(4096),
             rpos: 0,
@@ -380,25 +385,11 @@ fn unpad(typ: u8, flags: u8, p: &[u8]) -> Result<&[u8], CallError> {
 
 /// The gRPC response: headers seen so far and the message bytes.
 #[derive(Default)]
-struct Response {
-    http_status: Option<String>,
+pub(crate) struct Response {
+    pub(crate) http_status: Option<String>,
     grpc_status: Option<String>,
     grpc_message: String,
     body: Vec<u8>,
-}
-
-impl Response {
-    fn headers(&mut self, list: Vec<(Vec<u8>, Vec<u8>)>) {
-        for (n, v) in list {
-            let v = String::from_utf8_lossy(&v).into_owned();
-            match n.as_slice() {
-                b":status" => self.http_status = Some(v),
-                b"grpc-status" => self.grpc_status = Some(v),
-                b"grpc-message" => self.grpc_message = percent_decode(&v),
-                _ => {}
-            }
-        }
-    }
 }
 
 /// gRPC percent-encodes `grpc-message`.
@@ -432,13 +423,7 @@ pub fn unary(
     let deadline = Instant::now() + timeout;
     let mut conn = Conn::connect(target, deadline)?;
 
-    // gRPC framing: uncompressed flag, big-endian length, message.
-    let msg_len = u32::try_from(message.len())
-        .map_err(|_| CallError::Protocol("request too large".into()))?;
-    let mut body = Vec::with_capacity(5 + message.len());
-    body.push(0);
-    body.extend_from_slice(&msg_len.to_be_bytes());
-    body.extend_from_slice(message);
+    let body = frame_message(message)?;
 
     let mut out = Vec::with_capacity(256 + body.len().min(DEFAULT_WINDOW as usize) + 9 * 5);
     out.extend_from_slice(PREFACE);
@@ -590,11 +575,7 @@ pub fn unary(
                 }
             }
             DATA if id == STREAM => {
-                let data = unpad(typ, flags, &payload)?;
-                if resp.body.len() + data.len() > MAX_RESPONSE {
-                    return Err(CallError::Protocol("response too large".into()));
-                }
-                resp.body.extend_from_slice(data);
+                resp.push_body(unpad(typ, flags, &payload)?)?;
                 if flags & END_STREAM != 0 {
                     break;
                 }
@@ -604,36 +585,74 @@ pub fn unary(
         }
     }
 
-    match resp.http_status.as_deref() {
-        Some("200") => {}
-        Some(s) => return Err(CallError::Protocol(format!("HTTP status {s}"))),
-        None => return Err(CallError::Protocol("no :status".into())),
+    resp.into_message()
+}
+
+impl Response {
+    pub(crate) fn headers(&mut self, list: Vec<(Vec<u8>, Vec<u8>)>) {
+        for (n, v) in list {
+            let v = String::from_utf8_lossy(&v).into_owned();
+            match n.as_slice() {
+                b":status" => self.http_status = Some(v),
+                b"grpc-status" => self.grpc_status = Some(v),
+                b"grpc-message" => self.grpc_message = percent_decode(&v),
+                _ => {}
+            }
+        }
     }
-    let code: u32 = match resp.grpc_status.as_deref() {
-        Some(s) => s
-            .trim()
-            .parse()
-            .map_err(|_| CallError::Protocol(format!("grpc-status {s:?}")))?,
-        None => return Err(CallError::Protocol("no grpc-status".into())),
-    };
-    if code != 0 {
-        return Err(CallError::Status {
-            code,
-            message: resp.grpc_message,
-        });
+
+    pub(crate) fn push_body(&mut self, data: &[u8]) -> Result<(), CallError> {
+        if self.body.len() + data.len() > MAX_RESPONSE {
+            return Err(CallError::Protocol("response too large".into()));
+        }
+        self.body.extend_from_slice(data);
+        Ok(())
     }
-    let b = &resp.body;
-    if b.len() < 5 {
-        return Err(CallError::Protocol("no response message".into()));
+
+    /// The response message once the stream ended, or the error its status names.
+    pub(crate) fn into_message(self) -> Result<Vec<u8>, CallError> {
+        match self.http_status.as_deref() {
+            Some("200") => {}
+            Some(s) => return Err(CallError::Protocol(format!("HTTP status {s}"))),
+            None => return Err(CallError::Protocol("no :status".into())),
+        }
+        let code: u32 = match self.grpc_status.as_deref() {
+            Some(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| CallError::Protocol(format!("grpc-status {s:?}")))?,
+            None => return Err(CallError::Protocol("no grpc-status".into())),
+        };
+        if code != 0 {
+            return Err(CallError::Status {
+                code,
+                message: self.grpc_message,
+            });
+        }
+        let b = &self.body;
+        if b.len() < 5 {
+            return Err(CallError::Protocol("no response message".into()));
+        }
+        if b[0] != 0 {
+            return Err(CallError::Protocol("compressed response".into()));
+        }
+        let n = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        if b.len() != 5 + n {
+            return Err(CallError::Protocol("response length mismatch".into()));
+        }
+        Ok(b[5..].to_vec())
     }
-    if b[0] != 0 {
-        return Err(CallError::Protocol("compressed response".into()));
-    }
-    let n = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
-    if b.len() != 5 + n {
-        return Err(CallError::Protocol("response length mismatch".into()));
-    }
-    Ok(b[5..].to_vec())
+}
+
+/// gRPC's length-prefixed message: uncompressed flag, big-endian length, message.
+pub(crate) fn frame_message(message: &[u8]) -> Result<Vec<u8>, CallError> {
+    let len = u32::try_from(message.len())
+        .map_err(|_| CallError::Protocol("request too large".into()))?;
+    let mut body = Vec::with_capacity(5 + message.len());
+    body.push(0);
+    body.extend_from_slice(&len.to_be_bytes());
+    body.extend_from_slice(message);
+    Ok(body)
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@ pub mod alloc;
 pub mod config;
 pub mod error;
 pub mod grpc;
+#[cfg(feature = "client-h2")]
+pub mod grpc_h2;
 pub mod hook;
 pub mod hpack;
 pub mod log;

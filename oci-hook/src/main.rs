@@ -5,8 +5,12 @@ use std::process::ExitCode;
 
 // musl's malloc spent a third of the hook's kernel time mapping and unmapping pages; see
 // the module's documentation.
+#[cfg(not(any(feature = "alloc-system", feature = "alloc-mimalloc")))]
 #[global_allocator]
 static ALLOC: rthooks_oci_hook::alloc::OneShotAlloc = rthooks_oci_hook::alloc::OneShotAlloc::new();
+#[cfg(feature = "alloc-mimalloc")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();

@@ -6,6 +6,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod hook_variants;
 mod hookbench;
 mod run;
 mod setup;
@@ -43,6 +44,9 @@ enum Command {
     /// Measure `rthooks-oci-hook createRuntime` against the real agent with hyperfine
     /// (root; build the hook and agent in release first). Prints p50/p90/p99.
     BenchHook(hookbench::BenchHookArgs),
+    /// Measure the OCI hook's HTTP/2 client and allocator variants against the real agent
+    /// (root; musl builds; oci-hook/README.md, "HTTP/2 client and allocator").
+    HookVariants(hook_variants::Args),
     /// Build and start the agent here with the sample policies (deploy/policies).
     RunAgent {
         /// Extra agent flags (see `rthooks-agent --help`).
@@ -96,6 +100,7 @@ fn main() -> Result<()> {
         Command::Test { no_e2e, args } => test(&args, !no_e2e),
         Command::RunAgent { args } => run::run_agent(&args),
         Command::BenchHook(args) => hookbench::bench_hook(&args),
+        Command::HookVariants(args) => hook_variants::run(&args),
         Command::Demo => vm::demo(),
         Command::Bench => {
             util::cargo(&["bench", "-p", "rthooks-agent", "--bench", "exec_overhead"])

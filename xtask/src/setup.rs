@@ -16,6 +16,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "libc6-dev",
     "gcc",
     "jq",
+    // musl-gcc: the mimalloc variant of `cargo xtask hook-variants` compiles C for musl.
+    "musl-tools",
     "runc",
     "podman",
     "busybox-static",

@@ -11,6 +11,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+
 use crate::util::cache_dir;
 
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
@@ -34,7 +37,7 @@ const DEBIAN_SUITES: &[&str] = &[
 /// too: both download into `<cache>/debs`, and neither may replace a file the other is
 /// writing or verifying.
 pub struct CacheLock {
-    _file: std::fs::File,
+    _lock: Flock<std::fs::File>,
 }
 
 impl CacheLock {
@@ -45,27 +48,22 @@ impl CacheLock {
 
     /// Blocks until `path` is locked, saying why when it has to wait.
     pub fn at(path: &Path, holder: &str) -> Result<Self> {
-        use std::os::fd::AsRawFd;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: flock on a descriptor this function owns; it is released when the file
-        // is closed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            eprintln!("vm: waiting for {} ({holder})", path.display());
-            // SAFETY: as above.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                bail!(
-                    "flock {}: {}",
-                    path.display(),
-                    std::io::Error::last_os_error()
-                );
+        let flock_err = |e| anyhow::anyhow!("flock {}: {e}", path.display());
+        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((file, Errno::EWOULDBLOCK)) => {
+                eprintln!("vm: waiting for {} ({holder})", path.display());
+                Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| flock_err(e))?
             }
-        }
-        Ok(CacheLock { _file: file })
+            Err((_, e)) => return Err(flock_err(e)),
+        };
+        Ok(CacheLock { _lock: lock })
     }
 }
 
