@@ -6,6 +6,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod apiserver;
 mod hook_variants;
 mod hookbench;
 mod run;
@@ -22,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install missing prerequisites (idempotent).
+    /// Install missing prerequisites (idempotent), and build the test Kubernetes API
+    /// server once (see xtask/src/apiserver.rs).
     Setup,
     /// Build the eBPF object and every binary (release).
     Build,
@@ -95,7 +97,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     setup::ensure()?;
     match cli.command {
-        Command::Setup => Ok(()),
+        Command::Setup => apiserver::ensure(),
         Command::Build => build_release(),
         Command::Test { no_e2e, args } => test(&args, !no_e2e),
         Command::RunAgent { args } => run::run_agent(&args),
@@ -113,6 +115,9 @@ fn main() -> Result<()> {
 /// Commands run on the workspace's default members: `--workspace` would also build the
 /// eBPF crate for the host, which cannot work (it is built by agent/build.rs instead).
 fn test(extra: &[String], e2e: bool) -> Result<()> {
+    // The tests that speak to a Kubernetes API server start this one.
+    apiserver::ensure()?;
+    std::env::set_var(apiserver::BIN_DIR_ENV, apiserver::bin_dir());
     // Binaries first: the integration tests start the real agent and hooks.
     util::cargo(&["build", "--bins"])?;
     let mut args = vec!["test", "--no-fail-fast"];
