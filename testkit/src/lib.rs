@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+#[cfg(feature = "apiserver")]
+pub mod apiserver;
 #[cfg(feature = "client")]
 mod client;
 

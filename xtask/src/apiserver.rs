@@ -49,10 +49,7 @@ pub fn bin_dir() -> PathBuf {
 pub fn ensure() -> Result<()> {
     let bin = bin_dir();
     let stamp = bin.join(".stamp");
-    if stamp.exists()
-        && bin.join("apiextensions-apiserver").exists()
-        && bin.join("etcd").exists()
-    {
+    if stamp.exists() && bin.join("apiextensions-apiserver").exists() && bin.join("etcd").exists() {
         return Ok(());
     }
     let start = Instant::now();

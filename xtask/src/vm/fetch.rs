@@ -602,7 +602,8 @@ mod tests {
 
     #[test]
     fn depends_closure_keeps_real_packages_once() {
-        let text = "golang-go\n  Depends: golang-1.26-go\n  Depends: <golang-src>\n    golang-1.26-src\n\
+        let text =
+            "golang-go\n  Depends: golang-1.26-go\n  Depends: <golang-src>\n    golang-1.26-src\n\
 golang-1.26-go\n  Depends: golang-1.26-src\n<golang-src>\ngolang-1.26-src\ngolang-go\n";
         assert_eq!(
             parse_depends_closure(text),
