@@ -28,6 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use crate::cri::Cri;
 use crate::debian::{self, Package};
@@ -65,8 +67,7 @@ impl Release {
 
 /// Whether this process can run containers (root).
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 /// Paths of the unpacked containerd binaries.
@@ -446,8 +447,7 @@ state = "{d}/state"
     /// their shims, as on a real node.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own child by pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 if child.try_wait().ok().flatten().is_some() {
@@ -483,8 +483,7 @@ state = "{d}/state"
                 let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
                 let cmdline = String::from_utf8_lossy(&cmdline);
                 if cmdline.contains("containerd-shim") && cmdline.contains(&ours) {
-                    // SAFETY: a shim that our containerd started.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
             }
         }
@@ -497,10 +496,7 @@ state = "{d}/state"
             .collect();
         mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
         for m in mounts {
-            if let Ok(c) = std::ffi::CString::new(m) {
-                // SAFETY: a valid C string; MNT_DETACH never blocks.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
         }
     }
 }

@@ -451,9 +451,10 @@ pub fn kill_cgroup_tree(path: &str) {
             break;
         }
         for pid in pids {
-            // SAFETY: kill(2) has no memory-safety preconditions; these pids are in a pod
-            // cgroup the harness created.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }

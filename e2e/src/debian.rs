@@ -7,11 +7,11 @@
 //! host name is baked in here.
 
 use std::fs;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
 
 /// A Debian package pinned by suite and upstream version prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,8 +46,8 @@ pub fn cache_dir() -> PathBuf {
 /// An exclusive lock on a file, released on drop: test binaries and threads fetching the
 /// same cache concurrently must not run apt or dpkg over each other.
 pub struct FileLock {
-    // Held for its flock; closing the file releases it.
-    _file: fs::File,
+    // Held for its flock; dropping it unlocks and closes the file.
+    _lock: Flock<fs::File>,
 }
 
 impl FileLock {
@@ -62,15 +62,9 @@ impl FileLock {
             .write(true)
             .open(path)
             .with_context(|| format!("opening lock {}", path.display()))?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            bail!(
-                "flock {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(FileLock { _file: f })
+        let lock = Flock::lock(f, FlockArg::LockExclusive)
+            .map_err(|(_, e)| anyhow::anyhow!("flock {}: {e}", path.display()))?;
+        Ok(FileLock { _lock: lock })
     }
 }
 

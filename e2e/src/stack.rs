@@ -85,8 +85,11 @@ impl Proc {
 
     /// Stops it (SIGTERM, SIGKILL after 10 s).
     pub fn stop(&mut self) {
-        // SAFETY: kill(2) on our own, unreaped child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // Our own, unreaped child: the pid cannot have been reused.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.running() {
             if Instant::now() > deadline {

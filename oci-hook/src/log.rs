@@ -8,7 +8,6 @@
 //! cannot both rotate and lose a generation.
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -92,7 +91,6 @@ impl LogFile {
             .append(true)
             .create(true)
             .mode(0o640)
-            .custom_flags(libc::O_CLOEXEC)
             .open(&self.path)
     }
 
@@ -112,13 +110,12 @@ impl LogFile {
         let lock = OpenOptions::new()
             .write(true)
             .create(true)
+            .truncate(false)
             .mode(0o640)
-            .custom_flags(libc::O_CLOEXEC)
             .open(self.lock_path())?;
-        // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // Dropping it unlocks and closes the file.
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| io::Error::from(errno))?;
         // Someone else may have rotated while we waited for the lock.
         let still_big = std::fs::metadata(&self.path)
             .map(|m| m.len() + incoming > self.max_bytes)
