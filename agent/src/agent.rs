@@ -454,7 +454,7 @@ impl Inner {
             };
             let parsed = std::fs::read_to_string(&path)
                 .map_err(|e| Error::io(&path, e))
-                .and_then(|t| parse_policies(&t));
+                .and_then(|t| Ok(parse_policies(&t)?));
             let policies = match parsed {
                 Ok(p) => p,
                 Err(e) => {

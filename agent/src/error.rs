@@ -14,11 +14,9 @@ pub enum Error {
     InvalidRequest(String),
     #[error("cgroup {path:?}: {reason}")]
     Cgroup { path: String, reason: String },
-    #[error("invalid policy: {0}")]
-    InvalidPolicy(String),
-    /// The parser's message names the line and column.
-    #[error("invalid policy: YAML: {0}")]
-    PolicyYaml(#[source] Box<serde_saphyr::Error>),
+    /// A policy document that does not parse or is not valid (`rthooks_policy`).
+    #[error(transparent)]
+    Policy(#[from] rthooks_policy::Error),
     #[error("policy {0} not found")]
     PolicyNotFound(String),
     #[error("policy {0} comes from a file; change or remove the file instead")]
@@ -154,9 +152,7 @@ impl From<Error> for tonic::Status {
     fn from(e: Error) -> tonic::Status {
         let msg = e.to_string();
         match e {
-            Error::InvalidRequest(_) | Error::InvalidPolicy(_) | Error::PolicyYaml(_) => {
-                tonic::Status::invalid_argument(msg)
-            }
+            Error::InvalidRequest(_) | Error::Policy(_) => tonic::Status::invalid_argument(msg),
             Error::Cgroup { .. } => tonic::Status::failed_precondition(msg),
             Error::PolicyNotFound(_) => tonic::Status::not_found(msg),
             Error::PolicyFromFile(_) => tonic::Status::failed_precondition(msg),

@@ -2,11 +2,11 @@
 //! parses its configuration and calls [`run`].
 //!
 //! Modules by concept: [`cgroup`] (cgroupsPath → cgroup id), [`identity`] (who a
-//! container is), [`policy`] (schema and selectors), [`state`] (the model and the exact map
+//! container is), [`policy`] (schema and selectors, re-exported from `rthooks-policy`), [`state`] (the model and the exact map
 //! diff), [`bpf`] (loading, attaching and pinning the programs in [`bpf::programs`], the
 //! exec hook point in [`bpf::mode`], the map writer in [`bpf::maps`]), [`btf`] (kernel
 //! layout for the programs),
-//! [`server`] (gRPC), [`events`], [`metrics`], [`config`], [`yaml`] (the one YAML dialect).
+//! [`server`] (gRPC), [`events`], [`metrics`], [`config`], [`yaml`] (the one YAML dialect, also from `rthooks-policy`).
 pub mod agent;
 pub mod bpf;
 pub mod btf;
@@ -16,10 +16,12 @@ pub mod error;
 pub mod events;
 pub mod identity;
 pub mod metrics;
-pub mod policy;
 pub mod server;
 pub mod state;
-pub mod yaml;
+
+/// The policy schema lives in its own crate (`policy/`), shared with the CRDs.
+pub use rthooks_policy as policy;
+pub use rthooks_policy::yaml;
 
 use std::sync::Arc;
 

@@ -150,7 +150,7 @@ impl AgentApi for Service {
         &self,
         request: Request<v1::AddPolicyRequest>,
     ) -> Result<Response<v1::AddPolicyResponse>, Status> {
-        let mut policies = parse_policies(&request.into_inner().yaml)?;
+        let mut policies = parse_policies(&request.into_inner().yaml).map_err(Error::from)?;
         if policies.len() != 1 {
             return Err(Status::invalid_argument(
                 "AddPolicy takes exactly one policy document",
@@ -181,7 +181,7 @@ impl AgentApi for Service {
         &self,
         request: Request<v1::CheckPolicyRequest>,
     ) -> Result<Response<v1::CheckPolicyResponse>, Status> {
-        let policies = parse_policies(&request.into_inner().yaml)?;
+        let policies = parse_policies(&request.into_inner().yaml).map_err(Error::from)?;
         let mut selected = Vec::new();
         for p in &policies {
             selected.extend(self.0.check_policy(p));

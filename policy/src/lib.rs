@@ -1,11 +1,23 @@
-//! Policies: the schema of DESIGN.md ("Policies"), validation, and selector matching with
-//! Kubernetes LabelSelector semantics.
+//! Policies: the schema of DESIGN.md ("Policies") that policy files, the agent's API and
+//! the custom resources share, its validation, and selector matching with Kubernetes
+//! LabelSelector semantics. [`yaml`] is the one YAML dialect (policies and the agent's
+//! config file).
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Error;
-use crate::identity::ContainerIdentity;
+pub use rthooks_container::ContainerIdentity;
+
+pub mod yaml;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid policy: {0}")]
+    Invalid(String),
+    /// The parser's message names the line and column.
+    #[error("invalid policy: YAML: {0}")]
+    Yaml(#[source] Box<yaml::Error>),
+}
 
 pub const API_VERSION: &str = "rthooks.io/v1alpha1";
 
@@ -222,7 +234,7 @@ impl Policy {
     }
 
     pub fn validate(&self) -> Result<(), Error> {
-        let bad = |m: String| Error::InvalidPolicy(format!("{}: {m}", self.metadata.name));
+        let bad = |m: String| Error::Invalid(format!("{}: {m}", self.metadata.name));
         if self.api_version != API_VERSION {
             return Err(bad(format!(
                 "apiVersion {:?}, expected {API_VERSION:?}",
@@ -230,7 +242,7 @@ impl Policy {
             )));
         }
         if !valid_name(&self.metadata.name) {
-            return Err(Error::InvalidPolicy(format!(
+            return Err(Error::Invalid(format!(
                 "metadata.name {:?} must be a DNS subdomain name (lowercase letters, digits, '-', '.'; at most 253)",
                 self.metadata.name
             )));
@@ -307,10 +319,9 @@ pub fn image_repository(image: &str) -> &str {
 /// policy and validates it. A YAML or schema error names its line and column; a policy
 /// that parses but is not valid names the policy.
 pub fn parse_policies(text: &str) -> Result<Vec<Policy>, Error> {
-    let policies: Vec<Policy> =
-        crate::yaml::from_documents(text).map_err(|e| Error::PolicyYaml(Box::new(e)))?;
+    let policies: Vec<Policy> = yaml::from_documents(text).map_err(|e| Error::Yaml(Box::new(e)))?;
     if policies.is_empty() {
-        return Err(Error::InvalidPolicy("no policy in the document".into()));
+        return Err(Error::Invalid("no policy in the document".into()));
     }
     for p in &policies {
         p.validate()?;
@@ -320,7 +331,7 @@ pub fn parse_policies(text: &str) -> Result<Vec<Policy>, Error> {
 
 /// A policy as YAML, for the API's listings.
 pub fn to_yaml(policy: &Policy) -> String {
-    crate::yaml::to_string(policy)
+    yaml::to_string(policy)
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The agent's one YAML dialect, for policy files, the API's policy documents and the
+//! rthooks' one YAML dialect, for policy files, the API's policy documents and the
 //! config file: the YAML 1.2 core schema as serde_yaml read it before (`yes`, `no`, `on`,
 //! `off` and `1_000` are strings, so `log-level: off` stays the word "off"), parsed by
 //! serde-saphyr. Errors name line and column, on one line.
