@@ -97,6 +97,9 @@ pub struct AgentConfig {
     /// Remove every pinned program and map under --bpf-pin-dir and exit (stops enforcement).
     #[arg(long)]
     pub unpin: bool,
+
+    #[command(flatten)]
+    pub kube: crate::kube::KubeArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -262,6 +265,19 @@ mod tests {
         assert_eq!(c.allow_uids, [5, 6]);
         assert_eq!(c.policy_poll, Duration::from_secs(3600));
         assert_eq!(c.enforcement, RequestedMode::Sigkill);
+        // The Kubernetes keys take the same layering.
+        std::fs::write(
+            &file,
+            "kubeconfig: /etc/rthooks/kubeconfig\nnode-name: n7\npod-label-wait: 250ms\n",
+        )
+        .unwrap();
+        let c: AgentConfig = parse_with_file(args.clone(), "config", "RTHOOKS_TEST_UNSET").unwrap();
+        assert_eq!(
+            c.kube.connection(),
+            crate::kube::Connection::Kubeconfig("/etc/rthooks/kubeconfig".into())
+        );
+        assert_eq!(c.kube.node_name.as_deref(), Some("n7"));
+        assert_eq!(c.kube.pod_label_wait, Duration::from_millis(250));
         std::fs::write(&file, "policy-poll: soon\n").unwrap();
         let e = parse_with_file::<AgentConfig>(args, "config", "RTHOOKS_TEST_UNSET").unwrap_err();
         assert!(e.to_string().contains("policy-poll: invalid value"), "{e}");

@@ -90,6 +90,8 @@ pub enum Error {
     },
     #[error("gRPC server: {0}")]
     Serve(#[source] tonic::transport::Error),
+    #[error(transparent)]
+    Kube(#[from] crate::kube::KubeError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -172,6 +174,7 @@ impl From<Error> for tonic::Status {
             | Error::GrpcAddress(_)
             | Error::Bind { .. }
             | Error::Serve(_)
+            | Error::Kube(_)
             | Error::Io { .. } => tonic::Status::internal(msg),
         }
     }

@@ -6,7 +6,8 @@
 //! diff), [`bpf`] (loading, attaching and pinning the programs in [`bpf::programs`], the
 //! exec hook point in [`bpf::mode`], the map writer in [`bpf::maps`]), [`btf`] (kernel
 //! layout for the programs),
-//! [`server`] (gRPC), [`events`], [`metrics`], [`config`], [`yaml`] (the one YAML dialect, also from `rthooks-policy`).
+//! [`server`] (gRPC), [`events`], [`metrics`], [`config`], [`yaml`] (the one YAML dialect, also from `rthooks-policy`),
+//! [`kube`] (the Kubernetes API connection; the pod and namespace sources).
 pub mod agent;
 pub mod bpf;
 pub mod btf;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod identity;
+pub mod kube;
 pub mod metrics;
 pub mod server;
 pub mod state;
