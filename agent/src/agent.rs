@@ -7,9 +7,10 @@
 //! a panic poisoned it, the next caller rebuilds the model the way a starting agent does
 //! (the saved state over what the maps hold, then the maps made to match) and clears the
 //! poison, so the change the panic interrupted is either complete or undone everywhere.
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 use rthooks_api::tetragon::CreateContainer;
@@ -19,6 +20,8 @@ use tokio::sync::broadcast;
 
 use crate::bpf::Mode;
 use crate::error::Error;
+use crate::identity::ContainerIdentity;
+use crate::kube::pods::{LabelError, Lookup, PodEvents, PodInfo, PodSource};
 use crate::metrics::{Gauges, Metrics};
 use crate::policy::{parse_policies, Policy, PolicyKey};
 use crate::state::{ContainerRecord, MapSink, PolicyRecord, PolicySource, State, Store};
@@ -60,6 +63,16 @@ pub struct Agent {
     events: broadcast::Sender<v1::Event>,
     metrics: Metrics,
     policy_dir: PathBuf,
+    /// This node's pods from the Kubernetes API, when the agent uses it.
+    pods: OnceLock<PodSource>,
+}
+
+/// A request's container, identified but not registered yet.
+pub struct Identified {
+    cgroup: cgroup::Cgroup,
+    pub identity: ContainerIdentity,
+    /// Its labels came from the trusted `rthooks.io/pod-labels` annotation.
+    pub labels_trusted: bool,
 }
 
 /// What the agent knows about the subjects of one exec record.
@@ -106,6 +119,7 @@ impl Agent {
             events: broadcast::channel(1024).0,
             metrics: Metrics::default(),
             policy_dir,
+            pods: OnceLock::new(),
         })
     }
 
@@ -151,21 +165,87 @@ impl Agent {
         let _ = self.events.send(event);
     }
 
-    /// RuntimeHook CreateContainer (and NRI Synchronize reports): resolve, identify,
-    /// register, persist. On error nothing changes.
+    /// The pod source the agent takes labels from from now on (set once, at start-up).
+    pub fn attach_pods(&self, pods: PodSource) {
+        if self.pods.set(pods).is_err() {
+            tracing::warn!("a pod source was attached twice; keeping the first");
+        }
+    }
+
+    /// This node's pods, when the agent uses the Kubernetes API.
+    pub fn pods(&self) -> Option<&PodSource> {
+        self.pods.get()
+    }
+
+    /// NRI Synchronize reports and tests: resolve, identify, register, persist. Labels the
+    /// request does not carry trusted come from the pod store if the pod is there (no
+    /// wait: [`Agent::register_waiting`] is the hook's path). On error nothing changes.
     pub fn register(
         &self,
         req: &CreateContainer,
         source: &str,
         covered: bool,
     ) -> Result<ContainerRecord, Error> {
-        let cg = cgroup::resolve(&self.cgroup_root, &req.cgroups_path)?;
-        let identity = identity::from_request(req, &cg.path, self.trust_label_annotation)?;
-        let rec = ContainerRecord {
+        let mut found = self.identify(req)?;
+        if let (false, Some(pods)) = (found.labels_trusted, self.pods()) {
+            let id = &found.identity;
+            if let Some(p) = pods
+                .pod(&id.pod_namespace, &id.pod_name)
+                .filter(|p| p.is_pod_with_uid(&id.pod_uid))
+            {
+                found.identity.pod_labels = p.labels;
+            }
+        }
+        self.register_identified(found, source, covered)
+    }
+
+    /// RuntimeHook CreateContainer, between [`Agent::identify`] and
+    /// [`Agent::register_identified`]: a container without trusted labels takes them from
+    /// the API's pod store, waiting for its pod within the bound, and fails when they
+    /// cannot be had, so that the hook's failure rule decides. Without the API, nothing.
+    pub async fn labels_from_api(&self, found: &mut Identified) -> Result<(), Error> {
+        let (false, Some(pods)) = (found.labels_trusted, self.pods()) else {
+            return Ok(());
+        };
+        let id = &found.identity;
+        let result = pods
+            .labels(&id.pod_namespace, &id.pod_name, &id.pod_uid)
+            .await;
+        self.metrics.pod_label_lookup(match &result {
+            Ok((_, Lookup::Store)) => "store",
+            Ok((_, Lookup::Waited)) => "waited",
+            Err(LabelError::NotFound { .. }) => "not_found",
+            Err(LabelError::Unavailable(_)) => "api_unavailable",
+        });
+        found.identity.pod_labels = result?.0;
+        Ok(())
+    }
+
+    /// The container a request describes: its cgroup and identity.
+    pub fn identify(&self, req: &CreateContainer) -> Result<Identified, Error> {
+        let cgroup = cgroup::resolve(&self.cgroup_root, &req.cgroups_path)?;
+        let identity = identity::from_request(req, &cgroup.path, self.trust_label_annotation)?;
+        let labels_trusted = self.trust_label_annotation
+            && rthooks_container::labels::from_annotations(&req.annotations).is_some();
+        Ok(Identified {
+            cgroup,
             identity,
-            cgroup_id: cg.id,
-            cgroup_path: cg.path.relative().to_owned(),
-            level: cg.level,
+            labels_trusted,
+        })
+    }
+
+    /// Registers and persists an identified container. On error nothing changes.
+    pub fn register_identified(
+        &self,
+        found: Identified,
+        source: &str,
+        covered: bool,
+    ) -> Result<ContainerRecord, Error> {
+        let rec = ContainerRecord {
+            identity: found.identity,
+            cgroup_id: found.cgroup.id,
+            cgroup_path: found.cgroup.path.relative().to_owned(),
+            level: found.cgroup.level,
             covered,
             source: source.to_string(),
         };
@@ -261,6 +341,67 @@ impl Agent {
             map_containers: (c as u64, cc as u64),
             map_binaries: (b as u64, bc as u64),
             ring_buffer_drops: inner.maps.ring_buffer_drops(),
+            kube_pods: self.pods().map(|p| (p.state().is_synced(), p.len() as u64)),
+        }
+    }
+
+    /// Why the agent is not ready, if it is not: the Kubernetes API it uses is unreachable
+    /// or not listed yet, so registrations without trusted labels fail.
+    pub fn readiness(&self) -> Result<(), String> {
+        match self.pods().map(PodSource::state) {
+            Some(state) if !state.is_synced() => Err(format!("Kubernetes API (pods): {state}")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Registers the running containers of `pods` that the agent does not know (it was
+    /// down when they started, the hook failed open, or NRI dropped the plugin), found by
+    /// their `containerID` among the cgroups of their pod, as not covered from their first
+    /// instruction.
+    fn discover_unregistered(&self, pods: &[PodInfo]) {
+        let unknown: Vec<(&PodInfo, &crate::kube::pods::RunningContainer)> = {
+            let inner = self.lock();
+            pods.iter()
+                .flat_map(|p| p.containers.iter().map(move |c| (p, c)))
+                .filter(|(_, c)| inner.state.cgroup_of_container_id(&c.id).is_none())
+                .collect()
+        };
+        if unknown.is_empty() {
+            return;
+        }
+        let wanted: Vec<(&str, &str)> = unknown
+            .iter()
+            .map(|(p, c)| (p.mirror_of.as_deref().unwrap_or(&p.uid), c.id.as_str()))
+            .collect();
+        let found = cgroup::find_container_cgroups(&self.cgroup_root, &wanted);
+        for (pod, c) in unknown {
+            let Some(path) = found.get(c.id.as_str()) else {
+                tracing::debug!(container = %c.id, pod = %format!("{}/{}", pod.namespace, pod.name), "running container without a cgroup here; not registered");
+                continue;
+            };
+            let req = CreateContainer {
+                cgroups_path: path.clone(),
+                container_id: c.id.clone(),
+                container_name: c.name.clone(),
+                container_image: c.image.clone(),
+                pod_name: pod.name.clone(),
+                pod_uid: pod.mirror_of.clone().unwrap_or_else(|| pod.uid.clone()),
+                pod_namespace: pod.namespace.clone(),
+                ..Default::default()
+            };
+            let result = self.identify(&req).and_then(|mut found| {
+                found.identity.pod_labels = pod.labels.clone();
+                self.register_identified(found, "kube-discovery", false)
+            });
+            match result {
+                Ok(rec) => {
+                    self.metrics.container_discovered();
+                    tracing::warn!(container = %c.id, pod = %format!("{}/{}", pod.namespace, pod.name), cgroup = %rec.cgroup_path, "running container found that was never registered: not covered from its first instruction");
+                }
+                Err(e) => {
+                    tracing::warn!(container = %c.id, error = %e, "registering a running container found through the API failed")
+                }
+            }
         }
     }
 
@@ -296,6 +437,29 @@ impl Agent {
     pub fn sync_policy_dir(&self) {
         let seen = scan_policy_dir(&self.policy_dir);
         self.lock().sync_policy_files(seen);
+    }
+}
+
+impl PodEvents for Agent {
+    fn pod_applied(&self, pod: &PodInfo) {
+        self.lock().apply_pod_labels(pod);
+    }
+
+    fn pod_deleted(&self, pod: &PodInfo) {
+        self.lock().drop_pod(pod);
+    }
+
+    fn pods_relisted(&self, pods: &[PodInfo], gone: &[PodInfo]) {
+        {
+            let mut inner = self.lock();
+            for pod in pods {
+                inner.apply_pod_labels(pod);
+            }
+            for pod in gone {
+                inner.drop_pod(pod);
+            }
+        }
+        self.discover_unregistered(pods);
     }
 }
 
@@ -404,6 +568,71 @@ impl Inner {
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(cgroup_id, error = %e, "dropping a removed cgroup failed"),
+        }
+    }
+
+    /// The registered containers of `pod`.
+    fn containers_of(&self, pod: &PodInfo) -> Vec<u64> {
+        self.state
+            .containers()
+            .filter(|c| {
+                let id = &c.identity;
+                id.pod_namespace == pod.namespace
+                    && id.pod_name == pod.name
+                    && pod.is_pod_with_uid(&id.pod_uid)
+            })
+            .map(|c| c.cgroup_id)
+            .collect()
+    }
+
+    /// A newer version of `pod`: each of its containers whose labels differ gets them, and
+    /// with them exactly its own map entry recomputed.
+    fn apply_pod_labels(&mut self, pod: &PodInfo) {
+        for id in self.containers_of(pod) {
+            let Some(c) = self.state.container(id) else {
+                continue;
+            };
+            if c.identity.pod_labels == pod.labels {
+                continue;
+            }
+            let labels: BTreeMap<String, String> = pod.labels.clone();
+            let result = self
+                .state
+                .set_labels(id, labels, self.maps.as_mut())
+                .and_then(|_| match self.state.container(id) {
+                    Some(rec) => self.store.save_container(rec),
+                    None => Ok(()),
+                });
+            match result {
+                Ok(()) => {
+                    tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), cgroup_id = id, "pod labels changed; container re-evaluated")
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), cgroup_id = id, error = %e, "applying changed pod labels failed")
+                }
+            }
+        }
+    }
+
+    /// `pod` was deleted: its containers are forgotten and their map entries dropped. A
+    /// mirror pod's deletion says nothing about its static pod, which keeps running.
+    fn drop_pod(&mut self, pod: &PodInfo) {
+        if pod.mirror_of.is_some() {
+            return;
+        }
+        for id in self.containers_of(pod) {
+            let result = self
+                .state
+                .remove_container(id, self.maps.as_mut())
+                .and_then(|_| self.store.delete_container(id));
+            match result {
+                Ok(()) => {
+                    tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), cgroup_id = id, "pod deleted; container forgotten")
+                }
+                Err(e) => {
+                    tracing::warn!(cgroup_id = id, error = %e, "forgetting a deleted pod's container failed")
+                }
+            }
         }
     }
 

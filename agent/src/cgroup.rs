@@ -108,9 +108,81 @@ pub fn resolve(root: &Path, cgroups_path: &str) -> Result<Cgroup, Error> {
     })
 }
 
+/// The cgroups (as cgroupfs paths below `root`, e.g. `/kubepods/pod<uid>/<id>`) of the
+/// containers in `wanted` (pod UID, container id), found in one walk of the tree: a
+/// directory named after the container id (cgroupfs: `<id>`, `crio-<id>`; systemd:
+/// `cri-containerd-<id>.scope`, `crio-<id>.scope`) below one named after its pod
+/// (`pod<uid>`, or with `_` for `-` in systemd slices). Used to find containers that run
+/// without having been registered.
+pub fn find_container_cgroups(
+    root: &Path,
+    wanted: &[(&str, &str)],
+) -> std::collections::HashMap<String, String> {
+    let mut found = std::collections::HashMap::new();
+    let mut pending = vec![(root.to_path_buf(), String::new(), 0u32)];
+    while let Some((dir, relative, depth)) = pending.pop() {
+        if depth >= rthooks_common::MAX_CGROUP_LEVELS {
+            continue;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = format!("{relative}/{name}");
+            for (pod_uid, id) in wanted {
+                let named = name == *id
+                    || name
+                        .strip_suffix(".scope")
+                        .unwrap_or(&name)
+                        .ends_with(&format!("-{id}"));
+                let in_pod = pod_uid.is_empty()
+                    || relative.contains(&format!("pod{pod_uid}"))
+                    || relative.contains(&format!("pod{}", pod_uid.replace('-', "_")));
+                if named && in_pod {
+                    found.entry(id.to_string()).or_insert_with(|| path.clone());
+                }
+            }
+            pending.push((e.path(), path, depth + 1));
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn container_cgroups_are_found_below_their_pod() {
+        let tmp = tempfile::tempdir().unwrap();
+        for d in [
+            "kubepods/besteffort/podaa-bb/c1",
+            "kubepods.slice/kubepods-pod11_22.slice/cri-containerd-c2.scope",
+            "kubepods/podother/c3",
+        ] {
+            std::fs::create_dir_all(tmp.path().join(d)).unwrap();
+        }
+        let found = find_container_cgroups(
+            tmp.path(),
+            &[
+                ("aa-bb", "c1"),
+                ("11-22", "c2"),
+                ("aa-bb", "c3"),
+                ("", "none"),
+            ],
+        );
+        assert_eq!(found["c1"], "/kubepods/besteffort/podaa-bb/c1");
+        assert_eq!(
+            found["c2"],
+            "/kubepods.slice/kubepods-pod11_22.slice/cri-containerd-c2.scope"
+        );
+        assert!(!found.contains_key("c3"), "c3 runs in another pod's cgroup");
+        assert_eq!(found.len(), 2);
+    }
 
     #[test]
     fn resolve_refuses_missing_and_non_cgroup_dirs() {

@@ -90,6 +90,9 @@ pub enum Error {
     },
     #[error("gRPC server: {0}")]
     Serve(#[source] tonic::transport::Error),
+    /// A registration without trusted labels got none from the Kubernetes API.
+    #[error(transparent)]
+    PodLabels(#[from] crate::kube::pods::LabelError),
     #[error(transparent)]
     Kube(#[from] crate::kube::KubeError),
     #[error("{path}: {source}")]
@@ -156,6 +159,7 @@ impl From<Error> for tonic::Status {
         match e {
             Error::InvalidRequest(_) | Error::Policy(_) => tonic::Status::invalid_argument(msg),
             Error::Cgroup { .. } => tonic::Status::failed_precondition(msg),
+            Error::PodLabels(_) => tonic::Status::unavailable(msg),
             Error::PolicyNotFound(_) => tonic::Status::not_found(msg),
             Error::PolicyFromFile(_) => tonic::Status::failed_precondition(msg),
             Error::NoPolicySlot(_) => tonic::Status::resource_exhausted(msg),

@@ -64,6 +64,7 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         config.trust_label_annotation,
     )?);
     agent.sync_policy_dir();
+    connect_kube(&config.kube, &agent).await?;
 
     let events_out: Option<Box<dyn std::io::Write + Send>> = match &config.events_file {
         None => None,
@@ -114,9 +115,12 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
             .await
             .map_err(|source| Error::Bind { addr, source })?;
         let agent = agent.clone();
-        tokio::spawn(metrics::serve(listener, move || {
-            agent.metrics().render(&agent.gauges())
-        }));
+        let ready = agent.clone();
+        tokio::spawn(metrics::serve(
+            listener,
+            move || agent.metrics().render(&agent.gauges()),
+            move || ready.readiness(),
+        ));
         tracing::info!(%addr, "metrics on /metrics, health on /healthz and /readyz");
     }
 
@@ -152,6 +156,31 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     let _ = std::fs::remove_file(&socket);
     // The programs stay attached through their pins; their fds lived until here.
     drop(programs);
+    Ok(())
+}
+
+/// Starts the pod source when the agent uses the Kubernetes API.
+async fn connect_kube(args: &kube::KubeArgs, agent: &Arc<agent::Agent>) -> Result<(), Error> {
+    let connection = args.connection();
+    let Some(client) = kube::client::connect(&connection).await? else {
+        tracing::info!("no Kubernetes API (not in a cluster, no --kubeconfig): labels only from registration requests");
+        return Ok(());
+    };
+    let node = args
+        .node_name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .ok_or(kube::KubeError::NoNodeName)?;
+    let resources = args.resources();
+    tracing::info!(?connection, %node, pods = %resources.pods.api_version, wait = ?args.pod_label_wait, "watching this node's pods");
+    let pods = kube::pods::PodSource::spawn(
+        client,
+        resources.pods,
+        &node,
+        args.pod_label_wait,
+        agent.clone(),
+    );
+    agent.attach_pods(pods);
     Ok(())
 }
 

@@ -21,6 +21,8 @@ pub struct Metrics {
     hook_count: AtomicU64,
     hook_sum_ns: AtomicU64,
     events: Mutex<Counts>,
+    pod_label_lookups: Mutex<Counts>,
+    discovered: AtomicU64,
 }
 
 type Counts = BTreeMap<&'static str, u64>;
@@ -39,6 +41,8 @@ pub struct Gauges {
     pub map_containers: (u64, u64),
     pub map_binaries: (u64, u64),
     pub ring_buffer_drops: u64,
+    /// With the Kubernetes API: whether the pod store is in sync, and how many pods it holds.
+    pub kube_pods: Option<(bool, u64)>,
 }
 
 impl Metrics {
@@ -57,6 +61,17 @@ impl Metrics {
 
     pub fn event(&self, action: &'static str) {
         *counts(&self.events).entry(action).or_default() += 1;
+    }
+
+    /// A registration without trusted labels asked the pod store: `store`, `waited`,
+    /// `not_found`, `api_unavailable`.
+    pub fn pod_label_lookup(&self, result: &'static str) {
+        *counts(&self.pod_label_lookups).entry(result).or_default() += 1;
+    }
+
+    /// A running container that was never registered was found through the API.
+    pub fn container_discovered(&self) {
+        self.discovered.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn render(&self, g: &Gauges) -> String {
@@ -79,6 +94,12 @@ impl Metrics {
             "Enforcement events by action.",
             "action",
             &counts(&self.events),
+        );
+        counter(
+            "rthooks_pod_label_lookups_total",
+            "Registrations without trusted labels, by how the pod store answered.",
+            "result",
+            &counts(&self.pod_label_lookups),
         );
         let name = "rthooks_runtime_hook_duration_seconds";
         let _ = writeln!(
@@ -114,10 +135,28 @@ impl Metrics {
             g.containers_not_covered,
         );
         gauge("rthooks_policies", "Loaded policies.", g.policies);
+        if let Some((synced, pods)) = g.kube_pods {
+            gauge(
+                "rthooks_kube_pods_synced",
+                "1 when the pod store is listed and the Kubernetes API answers; 0 while registrations without trusted labels fail fast.",
+                synced as u64,
+            );
+            gauge(
+                "rthooks_kube_pods",
+                "This node's pods in the agent's store.",
+                pods,
+            );
+        }
         gauge(
             "rthooks_ring_buffer_drops",
             "Events the kernel could not queue.",
             g.ring_buffer_drops,
+        );
+        let discovered = "rthooks_containers_discovered_total";
+        let _ = writeln!(
+            out,
+            "# HELP {discovered} Running containers found through the Kubernetes API that were never registered (not covered from their first instruction).\n# TYPE {discovered} counter\n{discovered} {}",
+            self.discovered.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,
@@ -151,17 +190,21 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
-pub async fn serve<F>(listener: TcpListener, render: F)
+/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped. `/readyz`
+/// answers 503 with `ready`'s reason while it has one.
+pub async fn serve<F, R>(listener: TcpListener, render: F, ready: R)
 where
     F: Fn() -> String + Send + Sync + 'static,
+    R: Fn() -> Result<(), String> + Send + Sync + 'static,
 {
     let render = std::sync::Arc::new(render);
+    let ready = std::sync::Arc::new(ready);
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
         };
         let render = render.clone();
+        let ready = ready.clone();
         tokio::spawn(async move {
             // Read the whole request head: answering after a partial read would close the
             // socket with unread data, which resets the connection under the client.
@@ -178,7 +221,11 @@ where
             let path = req.split_whitespace().nth(1).unwrap_or("");
             let (status, body, ctype) = match path {
                 "/metrics" => ("200 OK", render(), "text/plain; version=0.0.4"),
-                "/healthz" | "/readyz" => ("200 OK", "ok\n".to_string(), "text/plain"),
+                "/healthz" => ("200 OK", "ok\n".to_string(), "text/plain"),
+                "/readyz" => match ready() {
+                    Ok(()) => ("200 OK", "ok\n".to_string(), "text/plain"),
+                    Err(why) => ("503 Service Unavailable", format!("{why}\n"), "text/plain"),
+                },
                 _ => ("404 Not Found", "not found\n".to_string(), "text/plain"),
             };
             let resp = format!(
@@ -207,6 +254,7 @@ mod tests {
             map_containers: (1, 65536),
             map_binaries: (2, 16384),
             ring_buffer_drops: 0,
+            kube_pods: Some((false, 7)),
         });
         assert!(text.contains("rthooks_runtime_hook_requests_total{result=\"ok\"} 1"));
         assert!(text.contains("rthooks_runtime_hook_duration_seconds_bucket{le=\"0.001\"} 1"));
@@ -214,5 +262,7 @@ mod tests {
         assert!(text.contains("rthooks_runtime_hook_duration_seconds_count 2"));
         assert!(text.contains("rthooks_events_total{action=\"deny\"} 1"));
         assert!(text.contains("rthooks_containers_not_covered 1"));
+        assert!(text.contains("rthooks_kube_pods_synced 0"));
+        assert!(text.contains("rthooks_kube_pods 7"));
     }
 }

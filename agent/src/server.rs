@@ -54,11 +54,17 @@ impl FineGuidanceSensors for Service {
             ));
         };
         let agent = self.0.clone();
-        let result = run_blocking(move || agent.register(&req, "hook", true).map(|r| (r, req)))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let result = match agent.identify(&req) {
+            Ok(mut found) => match agent.labels_from_api(&mut found).await {
+                Ok(()) => run_blocking(move || agent.register_identified(found, "hook", true))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?,
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
         match result {
-            Ok((rec, _)) => {
+            Ok(rec) => {
                 self.0.metrics().hook_request("ok", start.elapsed());
                 tracing::info!(
                     container = %rec.identity.container_id,
@@ -75,6 +81,7 @@ impl FineGuidanceSensors for Service {
                 let result = match e {
                     Error::Cgroup { .. } => "cgroup_error",
                     Error::InvalidRequest(_) => "invalid",
+                    Error::PodLabels(_) => "pod_labels_unavailable",
                     _ => "error",
                 };
                 self.0.metrics().hook_request(result, start.elapsed());

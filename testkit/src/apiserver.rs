@@ -205,6 +205,27 @@ impl TestApiServer {
         }
     }
 
+    /// Compacts etcd's history up to its current revision (what etcd does on its own every
+    /// few minutes in a cluster): a watch resuming from an older resourceVersion then gets
+    /// `410 Gone` and must relist. Through etcd's HTTP gateway; returns the revision.
+    pub fn compact_etcd(&self) -> Result<i64> {
+        let address = self.etcd_url.trim_start_matches("http://");
+        // Any key: the answer's header carries the store's revision.
+        let range = etcd_post(address, "/v3/kv/range", r#"{"key":"AA=="}"#)?;
+        let revision: i64 = range["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .ok_or_else(|| {
+                ApiServerError::NotReady(format!("etcd range answer without a revision: {range}"))
+            })?;
+        etcd_post(
+            address,
+            "/v3/kv/compaction",
+            &format!(r#"{{"revision":"{revision}","physical":true}}"#),
+        )?;
+        Ok(revision)
+    }
+
     /// The kube client configuration for the admin user.
     pub async fn config(&self) -> Result<kube::Config> {
         let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
@@ -266,6 +287,34 @@ impl Drop for TestApiServer {
         let _ = self.etcd.kill();
         let _ = self.etcd.wait();
     }
+}
+
+/// One JSON request to etcd's HTTP gateway (plain HTTP on loopback).
+fn etcd_post(address: &str, path: &str, body: &str) -> Result<serde_json::Value> {
+    use std::io::{Read, Write};
+    let what = format!("etcd {path}");
+    let mut stream = std::net::TcpStream::connect(address).map_err(io(what.clone()))?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.0\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(io(what.clone()))?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(io(what.clone()))?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    // HTTP/1.0: the answer comes whole, never chunked, and the connection then closes.
+    if !head
+        .lines()
+        .next()
+        .is_some_and(|status| status.contains(" 200 "))
+    {
+        return Err(ApiServerError::NotReady(format!("{what}: {answer}")));
+    }
+    serde_json::from_str(body.trim())
+        .map_err(|e| ApiServerError::NotReady(format!("{what}: {e}: {body}")))
 }
 
 /// Logs every request with its user, verb and resource (no bodies): what RBAC needs.

@@ -1,11 +1,13 @@
 //! The agent's Kubernetes side: the connection ([`client`]: in a cluster through its
 //! service account, or a `--kubeconfig`), and the sources of pod identity it keeps in
-//! reflector stores (`pods`: this node's pods; `namespaces`: namespace labels).
+//! reflector stores ([`pods`]: this node's pods; [`namespaces`]: namespace labels).
 //!
 //! The sources take the resource they watch as a parameter ([`Resources`]): core/v1
 //! `pods` and `namespaces` in production, Pod- and Namespace-shaped custom resources of a
 //! test group where the test API server (which serves no core resources) stands in.
 pub mod client;
+pub mod namespaces;
+pub mod pods;
 
 pub use client::{Connection, KubeArgs, KubeError, Resources};
 
@@ -35,4 +37,132 @@ impl std::fmt::Display for ApiState {
             ApiState::Unreachable(why) => write!(f, "unreachable: {why}"),
         }
     }
+}
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::kube::api::{Api, DynamicObject, ListParams};
+use ::kube::core::ApiResource;
+use ::kube::runtime::reflector::store::{Store, Writer};
+use ::kube::runtime::watcher;
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+
+/// A reflector store kept by a watch task, and what the task reports about it.
+pub(crate) struct Watched {
+    pub store: Store<DynamicObject>,
+    pub state: watch::Receiver<ApiState>,
+    /// Counts the watch events applied to the store: a waiter re-checks on each.
+    pub applied: watch::Receiver<u64>,
+}
+
+/// What a watch event did to the store, for the source's own reaction.
+pub(crate) enum Change<'a> {
+    Applied(&'a DynamicObject),
+    Deleted(&'a DynamicObject),
+    /// A (re)list finished; `before` is what the store held when it began.
+    Relisted {
+        before: Vec<Arc<DynamicObject>>,
+    },
+}
+
+/// How long the task waits after a failed list or watch before the next try.
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often an unreachable server is asked whether it answers again: the watcher resumes
+/// silently (a resumed watch emits nothing until an object changes), so only a request of
+/// our own can tell that the API is back.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Spawns the task that keeps `resource`'s objects (narrowed by `fields`) in a reflector
+/// store, calls `react` after each change is applied, and reports the API's state.
+pub(crate) fn spawn_watch(
+    client: ::kube::Client,
+    resource: ApiResource,
+    fields: Option<String>,
+    what: &'static str,
+    mut react: impl FnMut(Change<'_>, &Store<DynamicObject>) + Send + 'static,
+) -> Watched {
+    let api: Api<DynamicObject> = Api::all_with(client, &resource);
+    let mut writer = Writer::new(resource);
+    let store = writer.as_reader();
+    let (state_tx, state) = watch::channel(ApiState::Connecting);
+    let (applied_tx, applied) = watch::channel(0u64);
+    let reader = store.clone();
+    let mut config = watcher::Config::default();
+    let mut probe_params = ListParams::default().limit(1);
+    if let Some(f) = &fields {
+        config = config.fields(f);
+        probe_params = probe_params.fields(f);
+    }
+    tokio::spawn(async move {
+        let stream = watcher(api.clone(), config);
+        tokio::pin!(stream);
+        let mut backoff = BACKOFF_FIRST;
+        let mut before = Vec::new();
+        let mut probe = tokio::time::interval(PROBE_EVERY);
+        let mut listed = false;
+        loop {
+            let probing = matches!(*state_tx.borrow(), ApiState::Unreachable(_));
+            tokio::select! {
+                event = stream.next() => match event {
+                    None => break,
+                    Some(Ok(event)) => {
+                        backoff = BACKOFF_FIRST;
+                        if matches!(event, watcher::Event::Init) {
+                            before = reader.state();
+                        }
+                        writer.apply_watcher_event(&event);
+                        match &event {
+                            watcher::Event::Apply(o) => react(Change::Applied(o), &reader),
+                            watcher::Event::Delete(o) => react(Change::Deleted(o), &reader),
+                            watcher::Event::InitDone => {
+                                react(Change::Relisted { before: std::mem::take(&mut before) }, &reader);
+                                listed = true;
+                                tracing::info!(resource = what, objects = reader.len(), "listed");
+                                set_state(&state_tx, ApiState::Synced, what);
+                            }
+                            watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                        }
+                        applied_tx.send_modify(|n| *n += 1);
+                    }
+                    Some(Err(e)) => {
+                        set_state(&state_tx, ApiState::Unreachable(e.to_string()), what);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                },
+                _ = probe.tick(), if probing => {
+                    // Only a store that was listed before may serve again; one that never
+                    // was waits for its first list.
+                    if listed && api.list(&probe_params).await.is_ok() {
+                        set_state(&state_tx, ApiState::Synced, what);
+                    }
+                }
+            }
+        }
+    });
+    Watched {
+        store,
+        state,
+        applied,
+    }
+}
+
+fn set_state(tx: &watch::Sender<ApiState>, new: ApiState, what: &'static str) {
+    tx.send_if_modified(|current| {
+        if *current == new {
+            return false;
+        }
+        match &new {
+            ApiState::Unreachable(why) => {
+                tracing::warn!(resource = what, error = %why, "Kubernetes API unreachable: registrations without trusted labels fail until it answers")
+            }
+            ApiState::Synced => tracing::info!(resource = what, "Kubernetes API in sync"),
+            ApiState::Connecting => {}
+        }
+        *current = new;
+        true
+    });
 }

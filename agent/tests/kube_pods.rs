@@ -1,0 +1,532 @@
+//! The pod source against a real Kubernetes API server (etcd + apiextensions-apiserver
+//! from `cargo xtask setup`) and the real agent with its real BPF programs: labels of
+//! registrations that carry no trusted labels come from this node's pods, label changes
+//! flip map entries both ways, mirror pods label static pods, deleted pods drop their
+//! entries, a relist after compaction converges, a restarted agent rebuilds and finds a
+//! container it never registered, and an unreachable API makes registrations fail fast.
+//!
+//! The server serves no core resources: pods are a Pod-shaped custom resource in the
+//! test group `core.test.rthooks.io` (DESIGN.md), which the agent is pointed at with
+//! `--kube-core-group`. Every request the agent made is in the audit logs under
+//! `target/tmp/apiserver-audit/`.
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use rthooks_agent::kube::Resources;
+use rthooks_api::tetragon::CreateContainer;
+use rthooks_testkit::apiserver::{unavailable, TestApiServer};
+use serde_json::json;
+
+const GROUP: &str = "core.test.rthooks.io";
+const NODE: &str = "node-a";
+/// Generous: a test that waits for a pod creates it once the agent waits, and a pod that
+/// never comes costs the whole bound once.
+const WAIT: &str = "3s";
+
+/// The test server, its Pod-shaped CRD, and a runtime for the test's own API calls.
+struct Cluster {
+    rt: tokio::runtime::Runtime,
+    server: TestApiServer,
+}
+
+fn pod_crd() -> CustomResourceDefinition {
+    let open = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    // A selectable field must be in the schema.
+    let spec = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true,
+        "properties": {"nodeName": {"type": "string"}}});
+    serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("pods.{GROUP}")},
+        "spec": {
+            "group": GROUP,
+            "names": {"plural": "pods", "singular": "pod", "kind": "Pod"},
+            "scope": "Namespaced",
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "selectableFields": [{"jsonPath": ".spec.nodeName"}],
+                "schema": {"openAPIV3Schema": {"type": "object",
+                    "properties": {"spec": spec, "status": open}}}}]
+        }
+    }))
+    .unwrap()
+}
+
+impl Cluster {
+    fn start(test: &str) -> Option<Cluster> {
+        if !kernel_tests_possible() {
+            return None;
+        }
+        if let Some(why) = unavailable() {
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let audit = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("apiserver-audit/kube_pods-{test}.log"));
+        let server = rt.block_on(async {
+            let server = TestApiServer::start(&audit).await.unwrap();
+            let client = server.client().await.unwrap();
+            let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+            crds.create(&PostParams::default(), &pod_crd())
+                .await
+                .unwrap();
+            let name = format!("pods.{GROUP}");
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                await_condition(crds, &name, conditions::is_crd_established()),
+            )
+            .await
+            .expect("the pod CRD is Established within 60 s")
+            .unwrap();
+            server
+        });
+        Some(Cluster { rt, server })
+    }
+
+    fn agent_flags(&self, metrics: &str) -> Vec<String> {
+        vec![
+            format!("--kubeconfig={}", self.server.kubeconfig.display()),
+            format!("--node-name={NODE}"),
+            format!("--kube-core-group={GROUP}"),
+            format!("--pod-label-wait={WAIT}"),
+            format!("--metrics-address={metrics}"),
+        ]
+    }
+
+    fn in_ns(&self, ns: &str) -> Api<DynamicObject> {
+        let client = self.rt.block_on(self.server.client()).unwrap();
+        Api::namespaced_with(client, ns, &Resources::in_group(GROUP).pods)
+    }
+
+    /// Creates a pod; returns its UID.
+    fn create_pod(&self, ns: &str, name: &str, node: &str, labels: serde_json::Value) -> String {
+        self.create(ns, pod(name, node, labels, json!({}), json!({})))
+    }
+
+    fn create(&self, ns: &str, pod: DynamicObject) -> String {
+        let created = self
+            .rt
+            .block_on(self.in_ns(ns).create(&PostParams::default(), &pod))
+            .unwrap();
+        created.metadata.uid.unwrap()
+    }
+
+    fn set_labels(&self, ns: &str, name: &str, labels: serde_json::Value) {
+        let patch = Patch::Merge(json!({"metadata": {"labels": labels}}));
+        self.rt
+            .block_on(self.in_ns(ns).patch(name, &PatchParams::default(), &patch))
+            .unwrap();
+    }
+
+    fn delete_pod(&self, ns: &str, name: &str) {
+        self.rt
+            .block_on(self.in_ns(ns).delete(name, &DeleteParams::default()))
+            .unwrap();
+    }
+}
+
+fn pod(
+    name: &str,
+    node: &str,
+    labels: serde_json::Value,
+    annotations: serde_json::Value,
+    status: serde_json::Value,
+) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": format!("{GROUP}/v1"), "kind": "Pod",
+        "metadata": {"name": name, "labels": labels, "annotations": annotations},
+        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "localhost/web:1"}]},
+        "status": status,
+    }))
+    .unwrap()
+}
+
+/// What CRI-O's hooks.d or containerd's base spec gives the agent: the pod's namespace,
+/// name and UID but no trusted labels (the annotation below is a pod's own claim, which
+/// an agent without --trust-label-annotation ignores).
+fn request(cgroup: &Cgroup, id: &str, ns: &str, pod: &str, uid: &str) -> CreateContainer {
+    CreateContainer {
+        cgroups_path: cgroup.relative.clone(),
+        container_id: id.into(),
+        container_name: "app".into(),
+        pod_name: pod.into(),
+        pod_namespace: ns.into(),
+        pod_uid: uid.into(),
+        annotations: [(
+            rthooks_api::POD_LABELS_ANNOTATION.to_string(),
+            r#"{"app":"not-web"}"#.to_string(),
+        )]
+        .into(),
+        ..Default::default()
+    }
+}
+
+fn free_address() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// `(status line, body)` of GET `path`, or None when nothing answers.
+fn http_get(addr: &str, path: &str) -> Option<(String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_string(), body.to_string()))
+}
+
+fn wait_ready(addr: &str) {
+    wait_for("the agent's readiness", Duration::from_secs(60), || {
+        http_get(addr, "/readyz").filter(|(status, _)| status.contains(" 200 "))
+    });
+}
+
+fn metric(addr: &str, line_prefix: &str) -> Option<u64> {
+    let (_, body) = http_get(addr, "/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn labels_of(agent: &Agent, container_id: &str) -> Option<Vec<(String, String)>> {
+    let c = agent
+        .containers()
+        .into_iter()
+        .find(|c| c.container_id == container_id)?;
+    let mut labels: Vec<(String, String)> = c.pod_labels.into_iter().collect();
+    labels.sort();
+    Some(labels)
+}
+
+fn app(v: &str) -> Option<Vec<(String, String)>> {
+    Some(vec![("app".to_string(), v.to_string())])
+}
+
+/// The agent's pid, for stopping it while the API changes behind its back.
+fn signal(agent: &Agent, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(agent.pid().unwrap() as i32);
+    nix::sys::signal::kill(pid, signal).unwrap();
+}
+
+#[test]
+fn labels_come_from_this_nodes_pods_and_follow_them() {
+    let Some(cluster) = Cluster::start("labels") else {
+        return;
+    };
+    let metrics = free_address();
+    let flags = cluster.agent_flags(&metrics);
+    let agent = Agent::start(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_ready(&metrics);
+    let victim = Victim::new();
+    agent
+        .add_policy(&policy_yaml("deny-web", "web", &victim.path, "Deny"))
+        .unwrap();
+
+    // A pod in the store: the registration takes its labels, not the pod's own claim.
+    let uid = cluster.create_pod("shop", "web-0", NODE, json!({"app": "web"}));
+    let web = Cgroup::new("rthooks-kpods-web");
+    wait_for(
+        "web-0 in the agent's store",
+        Duration::from_secs(30),
+        || {
+            agent
+                .runtime_hook(request(&web, "ctr-web", "shop", "web-0", &uid))
+                .ok()
+        },
+    );
+    assert_eq!(labels_of(&agent, "ctr-web"), app("web"));
+    let (outcome, ran) = victim.run(&web, "absolute");
+    assert!(agent.denied(&outcome) && !ran, "{outcome:?}");
+
+    // The pod loses its label: the container is released; it gains it back: denied again.
+    let entries_before = agent.map_entries("containers");
+    cluster.set_labels("shop", "web-0", json!({"app": null, "tier": "front"}));
+    wait_for("the label removal applied", Duration::from_secs(30), || {
+        (labels_of(&agent, "ctr-web") == Some(vec![("tier".into(), "front".into())])).then_some(())
+    });
+    assert_eq!(agent.map_entries("containers"), entries_before - 1);
+    let (outcome, ran) = victim.run(&web, "absolute");
+    assert!(outcome.succeeded() && ran, "released: {outcome:?}");
+    cluster.set_labels("shop", "web-0", json!({"app": "web", "tier": null}));
+    wait_for(
+        "the label addition applied",
+        Duration::from_secs(30),
+        || (labels_of(&agent, "ctr-web") == app("web")).then_some(()),
+    );
+    assert_eq!(agent.map_entries("containers"), entries_before);
+    let (outcome, ran) = victim.run(&web, "absolute");
+    assert!(agent.denied(&outcome) && !ran, "{outcome:?}");
+
+    // A pod of another node is not in this node's store: its registration waits out the
+    // bound and fails, leaving the hook's failure rule to decide.
+    let other_uid = cluster.create_pod("shop", "web-1", "node-b", json!({"app": "web"}));
+    let other = Cgroup::new("rthooks-kpods-other");
+    let refused = agent
+        .runtime_hook(request(&other, "ctr-other", "shop", "web-1", &other_uid))
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("not in the agent's pod store after 3s"),
+        "{refused:?}"
+    );
+    assert!(labels_of(&agent, "ctr-other").is_none());
+
+    // A registration for a pod that appears while it waits gets its labels.
+    let late = Cgroup::new("rthooks-kpods-late");
+    let socket = agent.address();
+    let late_req = request(&late, "ctr-late", "shop", "late-0", "");
+    let waiting = std::thread::spawn(move || hook_call(&socket, late_req));
+    wait_for("the registration waiting", Duration::from_secs(30), || {
+        agent
+            .log()
+            .contains("waiting for pod shop/late-0")
+            .then_some(())
+    });
+    cluster.create_pod("shop", "late-0", NODE, json!({"app": "web"}));
+    waiting
+        .join()
+        .unwrap()
+        .expect("the waiting registration succeeds");
+    assert_eq!(labels_of(&agent, "ctr-late"), app("web"));
+    assert_eq!(
+        metric(
+            &metrics,
+            "rthooks_pod_label_lookups_total{result=\"waited\"}"
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "rthooks_pod_label_lookups_total{result=\"not_found\"}"
+        ),
+        Some(1)
+    );
+
+    // A static pod's container carries the static pod's UID; its mirror pod in the API
+    // (another UID, the static one in the mirror annotation) gives it its labels.
+    let static_cg = Cgroup::new("rthooks-kpods-static");
+    let mirror = pod(
+        &format!("etcd-{NODE}"),
+        NODE,
+        json!({"app": "web"}),
+        json!({"kubernetes.io/config.mirror": "static-pod-hash"}),
+        json!({}),
+    );
+    cluster.create("kube-system", mirror);
+    wait_for(
+        "the mirror pod in the store",
+        Duration::from_secs(30),
+        || {
+            agent
+                .runtime_hook(request(
+                    &static_cg,
+                    "ctr-static",
+                    "kube-system",
+                    &format!("etcd-{NODE}"),
+                    "static-pod-hash",
+                ))
+                .ok()
+        },
+    );
+    assert_eq!(labels_of(&agent, "ctr-static"), app("web"));
+    let (outcome, ran) = victim.run(&static_cg, "absolute");
+    assert!(agent.denied(&outcome) && !ran, "{outcome:?}");
+
+    // A pod deleted: its container is forgotten and its map entry dropped.
+    let entries = agent.map_entries("containers");
+    cluster.delete_pod("shop", "web-0");
+    wait_for(
+        "web-0's container forgotten",
+        Duration::from_secs(30),
+        || labels_of(&agent, "ctr-web").is_none().then_some(()),
+    );
+    assert_eq!(agent.map_entries("containers"), entries - 1);
+    let (outcome, ran) = victim.run(&web, "absolute");
+    assert!(outcome.succeeded() && ran, "{outcome:?}");
+}
+
+/// One RuntimeHook call on a connection and runtime of its own (from another thread).
+fn hook_call(socket: &str, req: CreateContainer) -> Result<(), tonic::Status> {
+    use rthooks_api::tetragon::fine_guidance_sensors_client::FineGuidanceSensorsClient;
+    use rthooks_api::tetragon::{runtime_hook_request, RuntimeHookRequest};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let channel = rthooks_api::client::connect_unix(socket, Duration::from_secs(5))
+            .await
+            .unwrap();
+        FineGuidanceSensorsClient::new(channel)
+            .runtime_hook(RuntimeHookRequest {
+                event: Some(runtime_hook_request::Event::CreateContainer(req)),
+            })
+            .await
+            .map(|_| ())
+    })
+}
+
+#[test]
+fn outages_relists_and_restarts_converge() {
+    let Some(mut cluster) = Cluster::start("outages") else {
+        return;
+    };
+    let metrics = free_address();
+    let flags = cluster.agent_flags(&metrics);
+    let mut agent = Agent::start(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_ready(&metrics);
+    let victim = Victim::new();
+    agent
+        .add_policy(&policy_yaml("deny-web", "web", &victim.path, "Deny"))
+        .unwrap();
+    let a_uid = cluster.create_pod("shop", "a", NODE, json!({"app": "web"}));
+    let b_uid = cluster.create_pod("shop", "b", NODE, json!({"app": "web"}));
+    let (a, b) = (
+        Cgroup::new("rthooks-kpods-a"),
+        Cgroup::new("rthooks-kpods-b"),
+    );
+    for (cg, id, name, uid) in [(&a, "ctr-a", "a", &a_uid), (&b, "ctr-b", "b", &b_uid)] {
+        wait_for(
+            "the pod in the agent's store",
+            Duration::from_secs(30),
+            || agent.runtime_hook(request(cg, id, "shop", name, uid)).ok(),
+        );
+    }
+
+    // The server stops: readiness says why, registrations fail at once (no wait), and
+    // everything comes back by itself with the server.
+    cluster.server.stop_apiserver();
+    let (_, why) = wait_for(
+        "readiness to report the outage",
+        Duration::from_secs(60),
+        || http_get(&metrics, "/readyz").filter(|(status, _)| status.contains(" 503 ")),
+    );
+    assert!(why.contains("Kubernetes API (pods): unreachable"), "{why}");
+    assert_eq!(metric(&metrics, "rthooks_kube_pods_synced "), Some(0));
+    let a2 = a.child("second");
+    let refused = agent
+        .runtime_hook(request(&a2, "ctr-a2", "shop", "a", &a_uid))
+        .unwrap_err();
+    assert!(refused.message().contains("(no wait)"), "{refused:?}");
+    assert_eq!(
+        metric(
+            &metrics,
+            "rthooks_pod_label_lookups_total{result=\"api_unavailable\"}"
+        ),
+        Some(1)
+    );
+    cluster
+        .rt
+        .block_on(cluster.server.start_apiserver())
+        .unwrap();
+    wait_ready(&metrics);
+    agent
+        .runtime_hook(request(&a2, "ctr-a2", "shop", "a", &a_uid))
+        .unwrap();
+    assert_eq!(labels_of(&agent, "ctr-a2"), app("web"));
+
+    // Changes the agent misses (it is stopped), history compacted, the watch broken: the
+    // watch cannot resume (410 Gone), the agent relists, and its maps converge.
+    // The server is restarted before the changes, so that no event of them can already
+    // sit in the stopped agent's socket; a write the agent does not watch (another node's
+    // pod) moves the restarted server's watch cache past the agent's resourceVersion.
+    signal(&agent, nix::sys::signal::Signal::SIGSTOP);
+    cluster.create_pod("shop", "elsewhere", "node-b", json!({}));
+    cluster.server.stop_apiserver();
+    cluster
+        .rt
+        .block_on(cluster.server.start_apiserver())
+        .unwrap();
+    cluster.set_labels("shop", "a", json!({"app": "db"}));
+    cluster.delete_pod("shop", "b");
+    cluster.server.compact_etcd().unwrap();
+    signal(&agent, nix::sys::signal::Signal::SIGCONT);
+    wait_for("the relist to converge", Duration::from_secs(60), || {
+        (labels_of(&agent, "ctr-a") == app("db") && labels_of(&agent, "ctr-b").is_none())
+            .then_some(())
+    });
+    assert_eq!(labels_of(&agent, "ctr-a2"), app("db"));
+    let log = agent.log();
+    assert!(
+        log.contains("410") || log.contains("too old resource version") || log.contains("Expired"),
+        "the watch did not end with 410 Gone:\n{log}"
+    );
+    let (outcome, ran) = victim.run(&a, "absolute");
+    assert!(
+        outcome.succeeded() && ran,
+        "released by the relist: {outcome:?}"
+    );
+
+    // The agent restarted, with a container started while it was down (the hook failed
+    // open): the maps are rebuilt from the store and the container is found and reported.
+    agent.kill();
+    cluster.set_labels("shop", "a", json!({"app": "web"}));
+    let running = json!({"containerStatuses": [{"name": "app", "image": "localhost/web:1",
+        "containerID": "containerd://ctr-unregistered", "state": {"running": {}}}]});
+    let c_uid = cluster.create(
+        "shop",
+        pod("c", NODE, json!({"app": "web"}), json!({}), running),
+    );
+    let kubepods = Cgroup::new("rthooks-kpods-kubepods");
+    let c_pod = kubepods.child(&format!("pod{c_uid}"));
+    let c_ctr = c_pod.child("ctr-unregistered");
+    agent.spawn();
+    wait_ready(&metrics);
+    wait_for(
+        "the unregistered container found",
+        Duration::from_secs(60),
+        || {
+            agent
+                .containers()
+                .into_iter()
+                .find(|c| c.container_id == "ctr-unregistered")
+        },
+    );
+    let found = agent
+        .containers()
+        .into_iter()
+        .find(|c| c.container_id == "ctr-unregistered")
+        .unwrap();
+    assert!(!found.covered);
+    assert_eq!(found.source, "kube-discovery");
+    assert_eq!(found.cgroup_id, c_ctr.id());
+    assert_eq!(found.pod_name, "c");
+    assert_eq!(
+        metric(&metrics, "rthooks_containers_discovered_total "),
+        Some(1)
+    );
+    let (outcome, ran) = victim.run(&c_ctr, "absolute");
+    assert!(agent.denied(&outcome) && !ran, "{outcome:?}");
+    wait_for("a's labels rebuilt", Duration::from_secs(30), || {
+        (labels_of(&agent, "ctr-a") == app("web")).then_some(())
+    });
+    let (outcome, ran) = victim.run(&a, "absolute");
+    assert!(agent.denied(&outcome) && !ran, "{outcome:?}");
+    let listing = Command::new(env!("CARGO_BIN_EXE_rthooksctl"))
+        .arg(format!("--address=unix://{}", agent.socket.display()))
+        .arg("containers")
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let line = listing
+        .lines()
+        .find(|l| l.starts_with("ctr-unregiste"))
+        .unwrap_or_else(|| panic!("rthooksctl containers:\n{listing}"));
+    assert!(line.contains(" NO "), "reported as not covered: {line}");
+}
