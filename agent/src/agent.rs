@@ -21,6 +21,7 @@ use tokio::sync::broadcast;
 use crate::bpf::Mode;
 use crate::error::Error;
 use crate::identity::ContainerIdentity;
+use crate::kube::namespaces::{NamespaceEvents, NamespaceSource};
 use crate::kube::pods::{LabelError, Lookup, PodEvents, PodInfo, PodSource};
 use crate::metrics::{Gauges, Metrics};
 use crate::policy::{parse_policies, Policy, PolicyKey};
@@ -65,6 +66,8 @@ pub struct Agent {
     policy_dir: PathBuf,
     /// This node's pods from the Kubernetes API, when the agent uses it.
     pods: OnceLock<PodSource>,
+    /// Namespace labels from the Kubernetes API, when the agent uses it.
+    namespaces: OnceLock<NamespaceSource>,
 }
 
 /// A request's container, identified but not registered yet.
@@ -120,6 +123,7 @@ impl Agent {
             metrics: Metrics::default(),
             policy_dir,
             pods: OnceLock::new(),
+            namespaces: OnceLock::new(),
         })
     }
 
@@ -169,6 +173,13 @@ impl Agent {
     pub fn attach_pods(&self, pods: PodSource) {
         if self.pods.set(pods).is_err() {
             tracing::warn!("a pod source was attached twice; keeping the first");
+        }
+    }
+
+    /// The namespace source (set once, at start-up).
+    pub fn attach_namespaces(&self, namespaces: NamespaceSource) {
+        if self.namespaces.set(namespaces).is_err() {
+            tracing::warn!("a namespace source was attached twice; keeping the first");
         }
     }
 
@@ -293,7 +304,12 @@ impl Agent {
         inner
             .state
             .containers()
-            .filter(|c| policy.selects(&c.identity))
+            .filter(|c| {
+                policy.selects_in(
+                    &c.identity,
+                    inner.state.namespace_labels(&c.identity.pod_namespace),
+                )
+            })
             .map(|c| to_api_container(&inner.state, c))
             .collect()
     }
@@ -348,9 +364,18 @@ impl Agent {
     /// Why the agent is not ready, if it is not: the Kubernetes API it uses is unreachable
     /// or not listed yet, so registrations without trusted labels fail.
     pub fn readiness(&self) -> Result<(), String> {
-        match self.pods().map(PodSource::state) {
-            Some(state) if !state.is_synced() => Err(format!("Kubernetes API (pods): {state}")),
-            _ => Ok(()),
+        let pods = self.pods().map(|p| ("pods", p.state()));
+        let namespaces = self.namespaces.get().map(|n| ("namespaces", n.state()));
+        let why: Vec<String> = [pods, namespaces]
+            .into_iter()
+            .flatten()
+            .filter(|(_, state)| !state.is_synced())
+            .map(|(what, state)| format!("Kubernetes API ({what}): {state}"))
+            .collect();
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(why.join("; "))
         }
     }
 
@@ -460,6 +485,37 @@ impl PodEvents for Agent {
             }
         }
         self.discover_unregistered(pods);
+    }
+}
+
+impl NamespaceEvents for Agent {
+    fn namespace_labels(&self, changed: &[(String, crate::kube::namespaces::Labels)]) {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let mut any = false;
+        for (name, labels) in changed {
+            match inner
+                .state
+                .set_namespace_labels(name, labels.clone(), inner.maps.as_mut())
+            {
+                Ok(true) => {
+                    any = true;
+                    tracing::info!(namespace = %name, "namespace labels changed; its containers re-evaluated")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(namespace = %name, error = %e, "applying changed namespace labels failed")
+                }
+            }
+        }
+        if any {
+            if let Err(e) = inner
+                .store
+                .save_namespace_labels(inner.state.all_namespace_labels())
+            {
+                tracing::warn!(error = %e, "saving namespace labels failed");
+            }
+        }
     }
 }
 

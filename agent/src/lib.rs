@@ -174,13 +174,16 @@ async fn connect_kube(args: &kube::KubeArgs, agent: &Arc<agent::Agent>) -> Resul
     let resources = args.resources();
     tracing::info!(?connection, %node, pods = %resources.pods.api_version, wait = ?args.pod_label_wait, "watching this node's pods");
     let pods = kube::pods::PodSource::spawn(
-        client,
+        client.clone(),
         resources.pods,
         &node,
         args.pod_label_wait,
         agent.clone(),
     );
     agent.attach_pods(pods);
+    let namespaces =
+        kube::namespaces::NamespaceSource::spawn(client, resources.namespaces, agent.clone());
+    agent.attach_namespaces(namespaces);
     Ok(())
 }
 

@@ -67,13 +67,23 @@ pub struct PolicyRecord {
 pub struct Snapshot {
     pub containers: Vec<ContainerRecord>,
     pub policies: Vec<PolicyRecord>,
+    /// Namespace labels from the Kubernetes API: a restarted agent keeps the entries that
+    /// `namespaceSelector`s gave until the API is listed again.
+    #[serde(default)]
+    pub namespace_labels: BTreeMap<String, Labels>,
 }
+
+pub type Labels = BTreeMap<String, String>;
+
+/// The labels of a namespace the agent knows nothing of.
+static NO_LABELS: Labels = BTreeMap::new();
 
 #[derive(Default)]
 pub struct State {
     containers: BTreeMap<u64, ContainerRecord>,
     policies: BTreeMap<PolicyKey, PolicyRecord>,
     slots: Vec<Option<PolicyKey>>,
+    namespace_labels: BTreeMap<String, Labels>,
     /// Mirror of the maps' contents.
     map_containers: HashMap<u64, PolicySet>,
     map_binaries: HashMap<u64, BinaryRules>,
@@ -136,7 +146,10 @@ impl State {
     pub fn selecting(&self, identity: &ContainerIdentity) -> Vec<&PolicyRecord> {
         self.policies
             .values()
-            .filter(|p| p.policy.selects(identity))
+            .filter(|p| {
+                p.policy
+                    .selects_in(identity, self.namespace_labels(&identity.pod_namespace))
+            })
             .collect()
     }
 
@@ -226,6 +239,45 @@ impl State {
         };
         c.identity.pod_labels = labels;
         self.sync_container(cgroup_id, sink)?;
+        Ok(true)
+    }
+
+    /// The labels of namespace `name` as the API last gave them (none when unknown).
+    pub fn namespace_labels(&self, name: &str) -> &Labels {
+        self.namespace_labels.get(name).unwrap_or(&NO_LABELS)
+    }
+
+    /// Every namespace's labels (for saving).
+    pub fn all_namespace_labels(&self) -> &BTreeMap<String, Labels> {
+        &self.namespace_labels
+    }
+
+    /// A namespace's labels changed (empty: deleted or unlabelled): the entries of exactly
+    /// its containers are recomputed. Returns whether anything changed.
+    pub fn set_namespace_labels(
+        &mut self,
+        name: &str,
+        labels: Labels,
+        sink: &mut dyn MapSink,
+    ) -> Result<bool, Error> {
+        if self.namespace_labels(name) == &labels {
+            return Ok(false);
+        }
+        if labels.is_empty() {
+            self.namespace_labels.remove(name);
+        } else {
+            self.namespace_labels.insert(name.to_string(), labels);
+        }
+        let ids: Vec<u64> = self
+            .containers
+            .values()
+            .filter(|c| c.identity.pod_namespace == name)
+            .map(|c| c.cgroup_id)
+            .collect();
+        for id in ids {
+            self.sync_container_entry(id, sink)?;
+        }
+        self.sync_levels(sink)?;
         Ok(true)
     }
 
@@ -425,12 +477,14 @@ impl State {
         Snapshot {
             containers: self.containers.values().cloned().collect(),
             policies: self.policies.values().cloned().collect(),
+            namespace_labels: self.namespace_labels.clone(),
         }
     }
 
     /// Restores a snapshot's containers and policies (slots kept) without touching the
     /// maps; call [`State::full_sync`] afterwards.
     pub fn restore(&mut self, snapshot: Snapshot) {
+        self.namespace_labels = snapshot.namespace_labels;
         for c in snapshot.containers {
             self.containers.insert(c.cgroup_id, c);
         }
@@ -502,6 +556,11 @@ impl Store {
         Self::write_atomic(&self.dir.join("policies.json"), &data)
     }
 
+    pub fn save_namespace_labels(&self, labels: &BTreeMap<String, Labels>) -> Result<(), Error> {
+        let data = serde_json::to_vec_pretty(labels).expect("labels serialise");
+        Self::write_atomic(&self.dir.join("namespaces.json"), &data)
+    }
+
     /// Everything saved; unreadable entries are skipped with a warning (they are rebuilt
     /// from the next hook call or reconciliation), never fatal.
     pub fn load(&self) -> Result<Snapshot, Error> {
@@ -516,6 +575,17 @@ impl Store {
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(&policies, e)),
+        }
+        let namespaces = self.dir.join("namespaces.json");
+        match std::fs::read(&namespaces) {
+            Ok(data) => match serde_json::from_slice(&data) {
+                Ok(n) => snap.namespace_labels = n,
+                Err(e) => {
+                    tracing::warn!(path = %namespaces.display(), error = %e, "ignoring unreadable namespace labels")
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&namespaces, e)),
         }
         let dir = self.dir.join("containers");
         for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
@@ -638,6 +708,43 @@ pub mod tests {
             covered: true,
             source: "hook".into(),
         }
+    }
+
+    #[test]
+    fn a_namespace_label_change_rewrites_exactly_its_containers_entries() {
+        let mut s = State::new();
+        let mut m = FakeMaps::default();
+        let mut other = container(11, "b", "web");
+        other.identity.pod_namespace = "other".into();
+        s.upsert_container(container(10, "a", "web"), &mut m)
+            .unwrap();
+        s.upsert_container(other, &mut m).unwrap();
+        let mut p = policy("deny-curl", "web", "/usr/bin/curl", "Deny");
+        p.spec.namespace_selector = Some(crate::policy::LabelSelector {
+            match_labels: [("team".to_string(), "pay".to_string())].into(),
+            ..Default::default()
+        });
+        let slot = s.upsert_policy(p, PolicySource::Api, &mut m).unwrap();
+        assert!(m.containers.is_empty(), "no namespace labels yet");
+        let team = |t: &str| Labels::from([("team".to_string(), t.to_string())]);
+        assert!(s
+            .set_namespace_labels("default", team("pay"), &mut m)
+            .unwrap());
+        assert_eq!(m.containers.keys().collect::<Vec<_>>(), [&10]);
+        assert!(m.containers[&10].contains(slot));
+        let before = m.writes;
+        assert!(!s
+            .set_namespace_labels("default", team("pay"), &mut m)
+            .unwrap());
+        assert_eq!(m.writes, before, "unchanged labels write nothing");
+        assert!(s
+            .set_namespace_labels("default", team("x"), &mut m)
+            .unwrap());
+        assert!(m.containers.is_empty());
+        // Kept in the snapshot, so a restarted agent keeps the entries until it relists.
+        s.set_namespace_labels("default", team("pay"), &mut m)
+            .unwrap();
+        assert_eq!(s.snapshot().namespace_labels["default"], team("pay"));
     }
 
     #[test]

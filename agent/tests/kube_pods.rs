@@ -18,6 +18,7 @@ use common::*;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
+use rthooks_agent::kube::client::TEST_NAMESPACES;
 use rthooks_agent::kube::Resources;
 use rthooks_api::tetragon::CreateContainer;
 use rthooks_testkit::apiserver::{unavailable, TestApiServer};
@@ -57,6 +58,24 @@ fn pod_crd() -> CustomResourceDefinition {
     .unwrap()
 }
 
+fn namespace_crd() -> CustomResourceDefinition {
+    let open = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("{TEST_NAMESPACES}.{GROUP}")},
+        "spec": {
+            "group": GROUP,
+            "names": {"plural": TEST_NAMESPACES, "singular": "testnamespace", "kind": "Namespace"},
+            "scope": "Cluster",
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object",
+                    "properties": {"spec": open, "status": open}}}}]
+        }
+    }))
+    .unwrap()
+}
+
 impl Cluster {
     fn start(test: &str) -> Option<Cluster> {
         if !kernel_tests_possible() {
@@ -73,17 +92,17 @@ impl Cluster {
             let server = TestApiServer::start(&audit).await.unwrap();
             let client = server.client().await.unwrap();
             let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-            crds.create(&PostParams::default(), &pod_crd())
+            for crd in [pod_crd(), namespace_crd()] {
+                crds.create(&PostParams::default(), &crd).await.unwrap();
+                let name = crd.metadata.name.unwrap();
+                tokio::time::timeout(
+                    Duration::from_secs(60),
+                    await_condition(crds.clone(), &name, conditions::is_crd_established()),
+                )
                 .await
+                .expect("the CRD is Established within 60 s")
                 .unwrap();
-            let name = format!("pods.{GROUP}");
-            tokio::time::timeout(
-                Duration::from_secs(60),
-                await_condition(crds, &name, conditions::is_crd_established()),
-            )
-            .await
-            .expect("the pod CRD is Established within 60 s")
-            .unwrap();
+            }
             server
         });
         Some(Cluster { rt, server })
@@ -121,6 +140,32 @@ impl Cluster {
         let patch = Patch::Merge(json!({"metadata": {"labels": labels}}));
         self.rt
             .block_on(self.in_ns(ns).patch(name, &PatchParams::default(), &patch))
+            .unwrap();
+    }
+
+    fn namespaces(&self) -> Api<DynamicObject> {
+        let client = self.rt.block_on(self.server.client()).unwrap();
+        Api::all_with(client, &Resources::in_group(GROUP).namespaces)
+    }
+
+    fn create_namespace(&self, name: &str, labels: serde_json::Value) {
+        let ns: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": format!("{GROUP}/v1"), "kind": "Namespace",
+            "metadata": {"name": name, "labels": labels},
+        }))
+        .unwrap();
+        self.rt
+            .block_on(self.namespaces().create(&PostParams::default(), &ns))
+            .unwrap();
+    }
+
+    fn set_namespace_labels(&self, name: &str, labels: serde_json::Value) {
+        let patch = Patch::Merge(json!({"metadata": {"labels": labels}}));
+        self.rt
+            .block_on(
+                self.namespaces()
+                    .patch(name, &PatchParams::default(), &patch),
+            )
             .unwrap();
     }
 
@@ -346,6 +391,65 @@ fn labels_come_from_this_nodes_pods_and_follow_them() {
     );
     assert_eq!(labels_of(&agent, "ctr-static"), app("web"));
     let (outcome, ran) = victim.run(&static_cg, "absolute");
+    assert!(agent.denied(&outcome) && !ran, "{outcome:?}");
+
+    // namespaceSelector: the namespace's labels select its pods' containers, and a change
+    // of them flips the container's entry both ways.
+    let payments = format!(
+        "apiVersion: rthooks.io/v1alpha1\nkind: RuntimePolicy\nmetadata: {{name: deny-payments}}\n\
+         spec:\n  namespaceSelector: {{matchLabels: {{team: payments}}}}\n\
+         \x20 rules: [{{binaries: [{}], action: Deny}}]\n",
+        victim.path.display()
+    );
+    agent.add_policy(&payments).unwrap();
+    let till_uid = cluster.create_pod("pay", "till-0", NODE, json!({}));
+    let till = Cgroup::new("rthooks-kpods-till");
+    wait_for(
+        "till-0 in the agent's store",
+        Duration::from_secs(30),
+        || {
+            agent
+                .runtime_hook(request(&till, "ctr-till", "pay", "till-0", &till_uid))
+                .ok()
+        },
+    );
+    let policies_of = |id: &str| {
+        agent
+            .containers()
+            .into_iter()
+            .find(|c| c.container_id == id)
+            .map(|c| c.policies)
+            .unwrap_or_default()
+    };
+    assert!(
+        policies_of("ctr-till").is_empty(),
+        "namespace not labelled yet"
+    );
+    let (outcome, ran) = victim.run(&till, "absolute");
+    assert!(outcome.succeeded() && ran, "{outcome:?}");
+    cluster.create_namespace("pay", json!({"team": "payments"}));
+    wait_for(
+        "the namespace's labels applied",
+        Duration::from_secs(30),
+        || (policies_of("ctr-till") == ["deny-payments"]).then_some(()),
+    );
+    let (outcome, ran) = victim.run(&till, "absolute");
+    assert!(agent.denied(&outcome) && !ran, "{outcome:?}");
+    cluster.set_namespace_labels("pay", json!({"team": "search"}));
+    wait_for(
+        "the namespace's label change applied",
+        Duration::from_secs(30),
+        || policies_of("ctr-till").is_empty().then_some(()),
+    );
+    let (outcome, ran) = victim.run(&till, "absolute");
+    assert!(outcome.succeeded() && ran, "{outcome:?}");
+    cluster.set_namespace_labels("pay", json!({"team": "payments"}));
+    wait_for(
+        "the namespace's label change back applied",
+        Duration::from_secs(30),
+        || (policies_of("ctr-till") == ["deny-payments"]).then_some(()),
+    );
+    let (outcome, ran) = victim.run(&till, "absolute");
     assert!(agent.denied(&outcome) && !ran, "{outcome:?}");
 
     // A pod deleted: its container is forgotten and its map entry dropped.

@@ -51,6 +51,10 @@ pub struct PolicySpec {
     /// Absent: every pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
+    /// On the labels of the pod's namespace (from the Kubernetes API; a namespace the
+    /// agent has no labels for has none). Absent: any namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
     /// Keys `name` (container name) and `image` (repository, no tag).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_selector: Option<LabelSelector>,
@@ -198,6 +202,20 @@ impl Policy {
 
     /// Does this policy select the container?
     pub fn selects(&self, c: &ContainerIdentity) -> bool {
+        self.selects_in(c, &BTreeMap::new())
+    }
+
+    /// Whether it selects `c`, whose namespace has `namespace_labels`.
+    pub fn selects_in(
+        &self,
+        c: &ContainerIdentity,
+        namespace_labels: &BTreeMap<String, String>,
+    ) -> bool {
+        if let Some(sel) = &self.spec.namespace_selector {
+            if !sel.matches(namespace_labels) {
+                return false;
+            }
+        }
         if self.kind == PolicyKind::NamespacedRuntimePolicy
             && self.metadata.namespace.as_deref() != Some(c.pod_namespace.as_str())
         {
@@ -413,6 +431,30 @@ spec:
         assert!(!ns.selects(&container("default", &web, "nginx", "nginx")));
         assert!(ns.selects(&container("prod", &web, "nginx", "nginx")));
         assert_eq!(ns.key().to_string(), "prod/deny-curl");
+    }
+
+    #[test]
+    fn namespace_selector_matches_the_namespaces_labels() {
+        let text = SAMPLE.replace(
+            "spec:\n",
+            "spec:\n  namespaceSelector:\n    matchLabels: {team: payments}\n",
+        );
+        let p = &parse_policies(&text).unwrap()[0];
+        assert!(p.spec.namespace_selector.is_some(), "{text}");
+        let web = container(
+            "shop",
+            &[("app", "web"), ("tier", "frontend")],
+            "nginx",
+            "nginx",
+        );
+        let labels = |team: &str| BTreeMap::from([("team".to_string(), team.to_string())]);
+        assert!(p.selects_in(&web, &labels("payments")));
+        assert!(!p.selects_in(&web, &labels("search")));
+        assert!(!p.selects(&web), "no namespace labels known: not selected");
+        // Without the field, any namespace.
+        let any = &parse_policies(SAMPLE).unwrap()[0];
+        assert!(any.selects_in(&web, &labels("search")));
+        assert!(to_yaml(p).contains("namespaceSelector"));
     }
 
     #[test]

@@ -35,8 +35,8 @@ pub struct KubeArgs {
     pub pod_label_wait: Duration,
 
     /// API group (version v1) serving pods and namespaces; empty = the core group. Tests
-    /// point it at Pod- and Namespace-shaped custom resources (e.g. core.test.rthooks.io)
-    /// on a server that serves no core resources.
+    /// point it at Pod- and Namespace-shaped custom resources (e.g. core.test.rthooks.io,
+    /// resources `pods` and `testnamespaces`) on a server that serves no core resources.
     #[arg(long, env = "RTHOOKS_KUBE_CORE_GROUP", default_value = "")]
     pub kube_core_group: String,
 }
@@ -75,6 +75,9 @@ fn in_cluster(service_host_set: bool, token: &Path) -> bool {
     service_host_set && token.exists()
 }
 
+/// The plural of the Namespace-shaped custom resource outside the core group.
+pub const TEST_NAMESPACES: &str = "testnamespaces";
+
 /// The resources the agent reads identity from.
 #[derive(Clone, Debug)]
 pub struct Resources {
@@ -88,14 +91,23 @@ impl Resources {
         Resources::in_group("")
     }
 
-    /// `pods` and `namespaces` (kinds Pod and Namespace, version v1) of `group`.
+    /// Kinds Pod and Namespace, version v1, of `group`: `pods` and `namespaces` in the core
+    /// group; `pods` and `testnamespaces` in any other, because the API server reads
+    /// `/apis/<group>/v1/namespaces/<name>` as the prefix of a namespace named `<name>`,
+    /// so a custom resource called `namespaces` could be listed and watched but not
+    /// changed by name.
     pub fn in_group(group: &str) -> Resources {
         let resource = |kind: &str, plural: &str| {
             ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, "v1", kind), plural)
         };
+        let namespaces = if group.is_empty() {
+            "namespaces"
+        } else {
+            TEST_NAMESPACES
+        };
         Resources {
             pods: resource("Pod", "pods"),
-            namespaces: resource("Namespace", "namespaces"),
+            namespaces: resource("Namespace", namespaces),
         }
     }
 }
@@ -171,6 +183,6 @@ mod tests {
         assert_eq!(core.namespaces.kind, "Namespace");
         let test = Resources::in_group("core.test.rthooks.io");
         assert_eq!(test.pods.api_version, "core.test.rthooks.io/v1");
-        assert_eq!(test.namespaces.plural, "namespaces");
+        assert_eq!(test.namespaces.plural, TEST_NAMESPACES);
     }
 }
