@@ -145,6 +145,12 @@ pub async fn connect(connection: &Connection) -> Result<Option<kube::Client>, Ku
                 .map_err(kubeconfig_error)?
         }
     };
+    let mut config = config;
+    // Names the agent in the API server's audit log (what its RBAC needs is read there).
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("rthooks-agent/", env!("CARGO_PKG_VERSION"))),
+    ));
     kube::Client::try_from(config)
         .map(Some)
         .map_err(KubeError::Client)
