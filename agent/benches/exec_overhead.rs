@@ -17,15 +17,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// `$var`, or `default` (fewer execs and registrations in slow guests).
-fn count(var: &str, default: usize) -> usize {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(default)
-}
-
 /// Execs per loop.
 fn execs() -> usize {
     count("RTHOOKS_BENCH_EXECS", 2000)

@@ -14,257 +14,9 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
+use common::cluster::*;
 use common::*;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
-use rthooks_agent::kube::client::TEST_NAMESPACES;
-use rthooks_agent::kube::Resources;
-use rthooks_api::tetragon::CreateContainer;
-use rthooks_testkit::apiserver::{unavailable, TestApiServer};
 use serde_json::json;
-
-const GROUP: &str = "core.test.rthooks.io";
-const NODE: &str = "node-a";
-/// Generous: a test that waits for a pod creates it once the agent waits, and a pod that
-/// never comes costs the whole bound once.
-const WAIT: &str = "3s";
-
-/// The test server, its Pod-shaped CRD, and a runtime for the test's own API calls.
-struct Cluster {
-    rt: tokio::runtime::Runtime,
-    server: TestApiServer,
-}
-
-fn pod_crd() -> CustomResourceDefinition {
-    let open = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
-    // A selectable field must be in the schema.
-    let spec = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true,
-        "properties": {"nodeName": {"type": "string"}}});
-    serde_json::from_value(json!({
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": format!("pods.{GROUP}")},
-        "spec": {
-            "group": GROUP,
-            "names": {"plural": "pods", "singular": "pod", "kind": "Pod"},
-            "scope": "Namespaced",
-            "versions": [{"name": "v1", "served": true, "storage": true,
-                "selectableFields": [{"jsonPath": ".spec.nodeName"}],
-                "schema": {"openAPIV3Schema": {"type": "object",
-                    "properties": {"spec": spec, "status": open}}}}]
-        }
-    }))
-    .unwrap()
-}
-
-fn namespace_crd() -> CustomResourceDefinition {
-    let open = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
-    serde_json::from_value(json!({
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": format!("{TEST_NAMESPACES}.{GROUP}")},
-        "spec": {
-            "group": GROUP,
-            "names": {"plural": TEST_NAMESPACES, "singular": "testnamespace", "kind": "Namespace"},
-            "scope": "Cluster",
-            "versions": [{"name": "v1", "served": true, "storage": true,
-                "schema": {"openAPIV3Schema": {"type": "object",
-                    "properties": {"spec": open, "status": open}}}}]
-        }
-    }))
-    .unwrap()
-}
-
-impl Cluster {
-    fn start(test: &str) -> Option<Cluster> {
-        if !kernel_tests_possible() {
-            return None;
-        }
-        if let Some(why) = unavailable() {
-            eprintln!("SKIPPED: {why}");
-            return None;
-        }
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let audit = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("apiserver-audit/kube_pods-{test}.log"));
-        let server = rt.block_on(async {
-            let server = TestApiServer::start(&audit).await.unwrap();
-            let client = server.client().await.unwrap();
-            let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-            for crd in [pod_crd(), namespace_crd()] {
-                crds.create(&PostParams::default(), &crd).await.unwrap();
-                let name = crd.metadata.name.unwrap();
-                tokio::time::timeout(
-                    Duration::from_secs(60),
-                    await_condition(crds.clone(), &name, conditions::is_crd_established()),
-                )
-                .await
-                .expect("the CRD is Established within 60 s")
-                .unwrap();
-            }
-            server
-        });
-        Some(Cluster { rt, server })
-    }
-
-    fn agent_flags(&self, metrics: &str) -> Vec<String> {
-        vec![
-            format!("--kubeconfig={}", self.server.kubeconfig.display()),
-            format!("--node-name={NODE}"),
-            format!("--kube-core-group={GROUP}"),
-            format!("--pod-label-wait={WAIT}"),
-            format!("--metrics-address={metrics}"),
-        ]
-    }
-
-    fn in_ns(&self, ns: &str) -> Api<DynamicObject> {
-        let client = self.rt.block_on(self.server.client()).unwrap();
-        Api::namespaced_with(client, ns, &Resources::in_group(GROUP).pods)
-    }
-
-    /// Creates a pod; returns its UID.
-    fn create_pod(&self, ns: &str, name: &str, node: &str, labels: serde_json::Value) -> String {
-        self.create(ns, pod(name, node, labels, json!({}), json!({})))
-    }
-
-    fn create(&self, ns: &str, pod: DynamicObject) -> String {
-        let created = self
-            .rt
-            .block_on(self.in_ns(ns).create(&PostParams::default(), &pod))
-            .unwrap();
-        created.metadata.uid.unwrap()
-    }
-
-    fn set_labels(&self, ns: &str, name: &str, labels: serde_json::Value) {
-        let patch = Patch::Merge(json!({"metadata": {"labels": labels}}));
-        self.rt
-            .block_on(self.in_ns(ns).patch(name, &PatchParams::default(), &patch))
-            .unwrap();
-    }
-
-    fn namespaces(&self) -> Api<DynamicObject> {
-        let client = self.rt.block_on(self.server.client()).unwrap();
-        Api::all_with(client, &Resources::in_group(GROUP).namespaces)
-    }
-
-    fn create_namespace(&self, name: &str, labels: serde_json::Value) {
-        let ns: DynamicObject = serde_json::from_value(json!({
-            "apiVersion": format!("{GROUP}/v1"), "kind": "Namespace",
-            "metadata": {"name": name, "labels": labels},
-        }))
-        .unwrap();
-        self.rt
-            .block_on(self.namespaces().create(&PostParams::default(), &ns))
-            .unwrap();
-    }
-
-    fn set_namespace_labels(&self, name: &str, labels: serde_json::Value) {
-        let patch = Patch::Merge(json!({"metadata": {"labels": labels}}));
-        self.rt
-            .block_on(
-                self.namespaces()
-                    .patch(name, &PatchParams::default(), &patch),
-            )
-            .unwrap();
-    }
-
-    fn delete_pod(&self, ns: &str, name: &str) {
-        self.rt
-            .block_on(self.in_ns(ns).delete(name, &DeleteParams::default()))
-            .unwrap();
-    }
-}
-
-fn pod(
-    name: &str,
-    node: &str,
-    labels: serde_json::Value,
-    annotations: serde_json::Value,
-    status: serde_json::Value,
-) -> DynamicObject {
-    serde_json::from_value(json!({
-        "apiVersion": format!("{GROUP}/v1"), "kind": "Pod",
-        "metadata": {"name": name, "labels": labels, "annotations": annotations},
-        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "localhost/web:1"}]},
-        "status": status,
-    }))
-    .unwrap()
-}
-
-/// What CRI-O's hooks.d or containerd's base spec gives the agent: the pod's namespace,
-/// name and UID but no trusted labels (the annotation below is a pod's own claim, which
-/// an agent without --trust-label-annotation ignores).
-fn request(cgroup: &Cgroup, id: &str, ns: &str, pod: &str, uid: &str) -> CreateContainer {
-    CreateContainer {
-        cgroups_path: cgroup.relative.clone(),
-        container_id: id.into(),
-        container_name: "app".into(),
-        pod_name: pod.into(),
-        pod_namespace: ns.into(),
-        pod_uid: uid.into(),
-        annotations: [(
-            rthooks_api::POD_LABELS_ANNOTATION.to_string(),
-            r#"{"app":"not-web"}"#.to_string(),
-        )]
-        .into(),
-        ..Default::default()
-    }
-}
-
-fn free_address() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
-}
-
-/// `(status line, body)` of GET `path`, or None when nothing answers.
-fn http_get(addr: &str, path: &str) -> Option<(String, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.to_string(), body.to_string()))
-}
-
-fn wait_ready(addr: &str) {
-    wait_for("the agent's readiness", Duration::from_secs(60), || {
-        http_get(addr, "/readyz").filter(|(status, _)| status.contains(" 200 "))
-    });
-}
-
-fn metric(addr: &str, line_prefix: &str) -> Option<u64> {
-    let (_, body) = http_get(addr, "/metrics")?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(line_prefix))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-fn labels_of(agent: &Agent, container_id: &str) -> Option<Vec<(String, String)>> {
-    let c = agent
-        .containers()
-        .into_iter()
-        .find(|c| c.container_id == container_id)?;
-    let mut labels: Vec<(String, String)> = c.pod_labels.into_iter().collect();
-    labels.sort();
-    Some(labels)
-}
-
-fn app(v: &str) -> Option<Vec<(String, String)>> {
-    Some(vec![("app".to_string(), v.to_string())])
-}
-
-/// The agent's pid, for stopping it while the API changes behind its back.
-fn signal(agent: &Agent, signal: nix::sys::signal::Signal) {
-    let pid = nix::unistd::Pid::from_raw(agent.pid().unwrap() as i32);
-    nix::sys::signal::kill(pid, signal).unwrap();
-}
 
 #[test]
 fn labels_come_from_this_nodes_pods_and_follow_them() {
@@ -272,13 +24,8 @@ fn labels_come_from_this_nodes_pods_and_follow_them() {
         return;
     };
     let metrics = free_address();
-    let flags = cluster.agent_flags(&metrics);
-    let agent = Agent::start(&flags.iter().map(String::as_str).collect::<Vec<_>>());
-    wait_ready(&metrics);
     let victim = Victim::new();
-    agent
-        .add_policy(&policy_yaml("deny-web", "web", &victim.path, "Deny"))
-        .unwrap();
+    let agent = cluster.ready_agent(&metrics, &victim, &[]);
 
     // A pod in the store: the registration takes its labels, not the pod's own claim.
     let uid = cluster.create_pod("shop", "web-0", NODE, json!({"app": "web"}));
@@ -465,40 +212,14 @@ fn labels_come_from_this_nodes_pods_and_follow_them() {
     assert!(outcome.succeeded() && ran, "{outcome:?}");
 }
 
-/// One RuntimeHook call on a connection and runtime of its own (from another thread).
-fn hook_call(socket: &str, req: CreateContainer) -> Result<(), tonic::Status> {
-    use rthooks_api::tetragon::fine_guidance_sensors_client::FineGuidanceSensorsClient;
-    use rthooks_api::tetragon::{runtime_hook_request, RuntimeHookRequest};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let channel = rthooks_api::client::connect_unix(socket, Duration::from_secs(5))
-            .await
-            .unwrap();
-        FineGuidanceSensorsClient::new(channel)
-            .runtime_hook(RuntimeHookRequest {
-                event: Some(runtime_hook_request::Event::CreateContainer(req)),
-            })
-            .await
-            .map(|_| ())
-    })
-}
-
 #[test]
 fn outages_relists_and_restarts_converge() {
     let Some(mut cluster) = Cluster::start("outages") else {
         return;
     };
     let metrics = free_address();
-    let flags = cluster.agent_flags(&metrics);
-    let mut agent = Agent::start(&flags.iter().map(String::as_str).collect::<Vec<_>>());
-    wait_ready(&metrics);
     let victim = Victim::new();
-    agent
-        .add_policy(&policy_yaml("deny-web", "web", &victim.path, "Deny"))
-        .unwrap();
+    let mut agent = cluster.ready_agent(&metrics, &victim, &[]);
     let a_uid = cluster.create_pod("shop", "a", NODE, json!({"app": "web"}));
     let b_uid = cluster.create_pod("shop", "b", NODE, json!({"app": "web"}));
     let (a, b) = (

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
 use rthooks_api::tetragon::CreateContainer;
+
+pub mod cluster;
 // Each test binary and the bench use a different part of this module.
 #[allow(unused_imports)]
 pub use rthooks_testkit::{unique, wait_for, Agent, AgentSpec};
@@ -278,4 +280,13 @@ pub fn hook_request(cgroup: &Cgroup, id: &str, labels: &str) -> CreateContainer 
         annotations,
         ..Default::default()
     }
+}
+
+/// `$var`, or `default` (benches: fewer execs, registrations or pods in slow guests).
+pub fn count(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
 }
