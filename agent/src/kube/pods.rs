@@ -176,6 +176,11 @@ impl PodSource {
         self.watched.state.borrow().clone()
     }
 
+    /// The state as it changes.
+    pub fn state_changes(&self) -> watch::Receiver<ApiState> {
+        self.watched.state.clone()
+    }
+
     /// Pods in the store.
     pub fn len(&self) -> usize {
         self.watched.store.len()
@@ -236,6 +241,105 @@ impl PodSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the real test API server cannot be made to do on cue: fail every request, or
+    /// never answer. A hand-written tower service stands in for the API (tower-test is
+    /// not obtainable here); it answers a list with `list` and holds every watch open.
+    fn mock_client(behaviour: &'static str, list: serde_json::Value) -> ::kube::Client {
+        let service = tower::service_fn(move |req: http::Request<::kube::client::Body>| {
+            let list = list.clone();
+            async move {
+                let watch = req.uri().query().is_some_and(|q| q.contains("watch=true"));
+                let (status, body) = match behaviour {
+                    "error" => (
+                        500,
+                        serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "message": "etcdserver: request timed out", "code": 500}),
+                    ),
+                    "silent" => std::future::pending().await,
+                    _ if watch => std::future::pending().await,
+                    _ => (200, list),
+                };
+                http::Response::builder()
+                    .status(status)
+                    .body(::kube::client::Body::from(body.to_string().into_bytes()))
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            }
+        });
+        ::kube::Client::new(service, "default")
+    }
+
+    struct Ignore;
+    impl PodEvents for Ignore {
+        fn pod_applied(&self, _: &PodInfo) {}
+        fn pod_deleted(&self, _: &PodInfo) {}
+        fn pods_relisted(&self, _: &[PodInfo], _: &[PodInfo]) {}
+    }
+
+    fn source(client: ::kube::Client, wait: Duration) -> PodSource {
+        let resource = crate::kube::Resources::core().pods;
+        PodSource::spawn(client, resource, "n1", wait, Arc::new(Ignore))
+    }
+
+    #[tokio::test]
+    async fn api_errors_make_registrations_fail_at_once() {
+        // A wait of an hour: only the no-wait path can answer this test.
+        let pods = source(
+            mock_client("error", serde_json::Value::Null),
+            Duration::from_secs(3600),
+        );
+        pods.state_changes()
+            .wait_for(|s| matches!(s, ApiState::Unreachable(_)))
+            .await
+            .unwrap();
+        let e = pods.labels("shop", "web-0", "").await.unwrap_err();
+        assert!(
+            matches!(e, LabelError::Unavailable(ApiState::Unreachable(_))),
+            "{e}"
+        );
+        assert!(e.to_string().contains("request timed out"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_fails_registrations_at_once() {
+        let pods = source(
+            mock_client("silent", serde_json::Value::Null),
+            Duration::from_secs(3600),
+        );
+        let e = pods.labels("shop", "web-0", "").await.unwrap_err();
+        assert!(
+            matches!(e, LabelError::Unavailable(ApiState::Connecting)),
+            "{e}"
+        );
+        assert!(e.to_string().contains("not listed yet"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_listed_store_answers_and_a_missing_pod_fails_after_the_bound() {
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "PodList",
+            "metadata": {"resourceVersion": "5"},
+            "items": [{"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "web-0", "namespace": "shop", "uid": "u1",
+                    "resourceVersion": "5", "labels": {"app": "web"}},
+                "spec": {"nodeName": "n1"}}]});
+        let pods = source(mock_client("list", list), Duration::from_millis(50));
+        pods.state_changes()
+            .wait_for(ApiState::is_synced)
+            .await
+            .unwrap();
+        let (labels, how) = pods.labels("shop", "web-0", "u1").await.unwrap();
+        assert_eq!(labels["app"], "web");
+        assert_eq!(how, Lookup::Store);
+        // A pod of that name but another UID is not this container's pod.
+        let e = pods.labels("shop", "web-0", "u2").await.unwrap_err();
+        assert!(matches!(e, LabelError::NotFound { .. }), "{e}");
+        let e = pods.labels("shop", "ghost", "").await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("not in the agent's pod store after 50ms"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn a_pod_object_gives_labels_running_containers_and_its_static_pod() {
