@@ -110,6 +110,9 @@ pub(crate) fn spawn_watch(
                     None => break,
                     Some(Ok(event)) => {
                         backoff = BACKOFF_FIRST;
+                        // Who wrote which field is of no use here and often the bulk of
+                        // an object: not kept in the store.
+                        let event = event.modify(|o| o.metadata.managed_fields = None);
                         if matches!(event, watcher::Event::Init) {
                             before = reader.state();
                         }
