@@ -39,6 +39,8 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     }
     let socket = rthooks_api::client::socket_path(&config.grpc_address)
         .ok_or_else(|| Error::GrpcAddress(config.grpc_address.clone()))?;
+    // A bad Kubernetes configuration stops the agent before it loads anything.
+    let kube = connect_kube(&config.kube).await?;
     let cgroup_root = match &config.cgroup_root {
         Some(r) => r.clone(),
         None => cgroup::detect_root()?,
@@ -64,7 +66,9 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
         config.trust_label_annotation,
     )?);
     agent.sync_policy_dir();
-    connect_kube(&config.kube, &agent).await?;
+    if let Some((client, node)) = kube {
+        watch_kube(&config.kube, client, &node, &agent);
+    }
 
     let events_out: Option<Box<dyn std::io::Write + Send>> = match &config.events_file {
         None => None,
@@ -159,24 +163,35 @@ pub async fn run(config: AgentConfig) -> Result<(), Error> {
     Ok(())
 }
 
-/// Starts the pod source when the agent uses the Kubernetes API.
-async fn connect_kube(args: &kube::KubeArgs, agent: &Arc<agent::Agent>) -> Result<(), Error> {
+/// The API client and this node's name, when the agent uses the Kubernetes API.
+async fn connect_kube(args: &kube::KubeArgs) -> Result<Option<(::kube::Client, String)>, Error> {
     let connection = args.connection();
     let Some(client) = kube::client::connect(&connection).await? else {
         tracing::info!("no Kubernetes API (not in a cluster, no --kubeconfig): labels only from registration requests");
-        return Ok(());
+        return Ok(None);
     };
     let node = args
         .node_name
         .clone()
         .filter(|n| !n.is_empty())
         .ok_or(kube::KubeError::NoNodeName)?;
+    tracing::info!(?connection, %node, "using the Kubernetes API");
+    Ok(Some((client, node)))
+}
+
+/// Starts the pod and namespace sources.
+fn watch_kube(
+    args: &kube::KubeArgs,
+    client: ::kube::Client,
+    node: &str,
+    agent: &Arc<agent::Agent>,
+) {
     let resources = args.resources();
-    tracing::info!(?connection, %node, pods = %resources.pods.api_version, wait = ?args.pod_label_wait, "watching this node's pods");
+    tracing::info!(%node, pods = %resources.pods.api_version, wait = ?args.pod_label_wait, "watching this node's pods and the namespaces");
     let pods = kube::pods::PodSource::spawn(
         client.clone(),
         resources.pods,
-        &node,
+        node,
         args.pod_label_wait,
         agent.clone(),
     );
@@ -184,7 +199,6 @@ async fn connect_kube(args: &kube::KubeArgs, agent: &Arc<agent::Agent>) -> Resul
     let namespaces =
         kube::namespaces::NamespaceSource::spawn(client, resources.namespaces, agent.clone());
     agent.attach_namespaces(namespaces);
-    Ok(())
 }
 
 /// Sets up `tracing` (text or JSON on stderr).
