@@ -4,11 +4,18 @@
 //! config file).
 use std::collections::BTreeMap;
 
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use rthooks_container::ContainerIdentity;
 
+pub mod resources;
 pub mod yaml;
+
+pub use resources::{
+    NamespacedPolicySpec, NamespacedRuntimePolicy, NodePolicyStatus, PolicyStatus,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -45,23 +52,51 @@ pub struct Metadata {
     pub namespace: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+// The one spec of policy files, the agent's API and both custom resources (the derive
+// makes `RuntimePolicy`; `NamespacedRuntimePolicy` wraps the same type). Doc comments here
+// become the CRDs' descriptions.
+/// What a policy selects (pods, then their containers) and what happens when those
+/// containers execute the binaries its rules name.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "rthooks.io",
+    version = "v1alpha1",
+    kind = "RuntimePolicy",
+    status = "PolicyStatus",
+    derive = "PartialEq",
+    shortname = "rtp",
+    category = "rthooks",
+    doc = "An rthooks runtime policy for pods in every namespace: the binaries its rules name are denied, killed or audited in the containers it selects.",
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicySpec {
-    /// Absent: every pod.
+    /// The pods, by their labels (a Kubernetes LabelSelector). Absent: every pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
     /// On the labels of the pod's namespace (from the Kubernetes API; a namespace the
     /// agent has no labels for has none). Absent: any namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
-    /// Keys `name` (container name) and `image` (repository, no tag).
+    /// The containers of those pods, by the keys `name` (container name) and `image`
+    /// (repository, no tag). Absent: every container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "(!has(self.matchLabels) || self.matchLabels.all(k, k == 'name' || k == 'image')) && (!has(self.matchExpressions) || self.matchExpressions.all(r, r.key == 'name' || r.key == 'image'))",
+        "message": "containerSelector keys are name and image"
+    }]))]
     pub container_selector: Option<LabelSelector>,
+    /// What to do, and to which binaries; at least one rule.
+    #[schemars(length(min = 1))]
     pub rules: Vec<Rule>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// A Kubernetes LabelSelector: every matchLabels pair and every expression must hold.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LabelSelector {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -70,16 +105,22 @@ pub struct LabelSelector {
     pub match_expressions: Vec<Requirement>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One expression of a LabelSelector.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(self.operator == 'In' || self.operator == 'NotIn') == (has(self.values) && size(self.values) > 0)",
+    "message": "operators In and NotIn need values; Exists and DoesNotExist take none"
+}]))]
 pub struct Requirement {
+    #[schemars(length(min = 1))]
     pub key: String,
     pub operator: Operator,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub values: Vec<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Operator {
     In,
     NotIn,
@@ -87,14 +128,24 @@ pub enum Operator {
     DoesNotExist,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Binaries and the action taken when a selected container executes one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
+    /// Absolute, normalised paths of executed files as the kernel resolves them (symlinks
+    /// followed). At least one.
+    #[schemars(
+        length(min = 1),
+        inner(length(max = 4095), pattern(BINARY_PATH_PATTERN))
+    )]
     pub binaries: Vec<String>,
     pub action: RuleAction,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// Deny > Kill > Audit when several policies name one exec.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 pub enum RuleAction {
     Audit,
     Kill,
@@ -307,6 +358,12 @@ fn valid_name(name: &str) -> bool {
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric()
 }
+
+/// [`valid_binary_path`] for the API server (RE2, as OpenAPI `pattern`; a CEL rule over
+/// the list would exceed the server's cost budget): `/`-separated components that are not
+/// empty, `.` or `..`. Lengths are checked by the schema's `maxLength` and, per component,
+/// by the agent.
+pub const BINARY_PATH_PATTERN: &str = r"^(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+$";
 
 /// Kernel-resolved paths are absolute and normalised; a rule written otherwise could never
 /// match, so it is refused rather than silently ignored.

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+
 /// Why the test API server could not be started or reached.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiServerError {
@@ -235,6 +237,34 @@ impl TestApiServer {
     /// A kube client for the admin user.
     pub async fn client(&self) -> Result<kube::Client> {
         Ok(kube::Client::try_from(self.config().await?)?)
+    }
+
+    /// Applies `crds` (server-side apply, field manager `rthooks-test`) and waits until each
+    /// is Established, as a cluster's operator would before using the kinds.
+    pub async fn install_crds(&self, crds: &[CustomResourceDefinition]) -> Result<()> {
+        let api: kube::Api<CustomResourceDefinition> = kube::Api::all(self.client().await?);
+        let params = kube::api::PatchParams::apply("rthooks-test").force();
+        for crd in crds {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            api.patch(&name, &params, &kube::api::Patch::Apply(crd))
+                .await?;
+            let established = kube::runtime::wait::await_condition(
+                api.clone(),
+                &name,
+                kube::runtime::wait::conditions::is_crd_established(),
+            );
+            match tokio::time::timeout(READY_TIMEOUT, established).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(ApiServerError::NotReady(format!("CRD {name}: {e}"))),
+                Err(_) => {
+                    return Err(ApiServerError::NotReady(format!(
+                        "CRD {name} was not Established within {READY_TIMEOUT:?}:\n{}",
+                        tail(&self.log(), 30)
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The server's log so far, for a failing test's message.

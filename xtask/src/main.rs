@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod apiserver;
+mod codegen;
 mod hook_variants;
 mod hookbench;
 mod run;
@@ -28,6 +29,8 @@ enum Command {
     Setup,
     /// Build the eBPF object and every binary (release).
     Build,
+    /// Write the files generated from Rust types: the policy CRDs under deploy/crds/.
+    Codegen,
     /// Run every test this machine can run: unit, integration and host-kernel tests, then
     /// the e2e suite in a QEMU guest of the default kernel (6.12).
     Test {
@@ -99,6 +102,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Setup => apiserver::ensure(),
         Command::Build => build_release(),
+        Command::Codegen => codegen::codegen(),
         Command::Test { no_e2e, args } => test(&args, !no_e2e),
         Command::RunAgent { args } => run::run_agent(&args),
         Command::BenchHook(args) => hookbench::bench_hook(&args),
