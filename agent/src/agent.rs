@@ -24,7 +24,7 @@ use crate::identity::ContainerIdentity;
 use crate::kube::namespaces::{NamespaceEvents, NamespaceSource};
 use crate::kube::pods::{LabelError, Lookup, PodEvents, PodInfo, PodSource};
 use crate::metrics::{Gauges, Metrics};
-use crate::policy::{parse_policies, Policy, PolicyKey};
+use crate::policy::{parse_policies, Origin, Policy, PolicyKey};
 use crate::state::{ContainerRecord, MapSink, PolicyRecord, PolicySource, State, Store};
 use crate::{cgroup, identity};
 
@@ -290,8 +290,13 @@ impl Agent {
     /// Deletes a policy through the API: one from a file is refused.
     pub fn delete_policy(&self, key: &PolicyKey) -> Result<(), Error> {
         let mut inner = self.lock();
-        if let Some(p) = inner.state.policies().find(|p| &p.policy.key() == key) {
-            if matches!(p.source, PolicySource::File(_)) {
+        let exists = inner.state.policies().any(|p| &p.key() == key);
+        if !exists && key.origin == Origin::Api {
+            let file_key = PolicyKey {
+                origin: Origin::File,
+                ..key.clone()
+            };
+            if inner.state.policies().any(|p| p.key() == file_key) {
                 return Err(Error::PolicyFromFile(key.to_string()));
             }
         }
@@ -578,7 +583,7 @@ impl Inner {
                         keys: vec![],
                     })
                     .keys
-                    .push(p.policy.key());
+                    .push(p.key());
             }
         }
     }
@@ -693,15 +698,11 @@ impl Inner {
     }
 
     fn add_policy(&mut self, policy: Policy, source: PolicySource) -> Result<PolicyRecord, Error> {
-        let key = policy.key();
+        let key = policy.key(source.origin());
         self.state
             .upsert_policy(policy, source, self.maps.as_mut())?;
         self.store.save_policies(self.state.policies())?;
-        let rec = self
-            .state
-            .policies()
-            .find(|p| p.policy.key() == key)
-            .cloned();
+        let rec = self.state.policies().find(|p| p.key() == key).cloned();
         Ok(rec.expect("just added"))
     }
 
@@ -752,7 +753,7 @@ impl Inner {
             };
             let mut keys = Vec::new();
             for p in policies {
-                let key = p.key();
+                let key = p.key(Origin::File);
                 match self.add_policy(p, PolicySource::File(path.clone())) {
                     Ok(rec) => {
                         tracing::info!(policy = %key, slot = rec.slot, file = %path.display(), "policy loaded");
@@ -799,7 +800,7 @@ pub fn to_api_container(state: &State, c: &ContainerRecord) -> v1::Container {
         policies: state
             .selecting(id)
             .iter()
-            .map(|p| p.policy.key().to_string())
+            .map(|p| p.key().to_string())
             .collect(),
         covered: c.covered,
         source: c.source.clone(),

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::agent::Agent;
 use crate::error::Error;
-use crate::policy::{parse_policies, PolicyKey};
+use crate::policy::{parse_policies, Origin, PolicyKey};
 use crate::state::PolicySource;
 
 pub struct Service(pub Arc<Agent>);
@@ -164,7 +164,7 @@ impl AgentApi for Service {
             ));
         }
         let rec = self.0.add_policy(policies.remove(0), PolicySource::Api)?;
-        tracing::info!(policy = %rec.policy.key(), slot = rec.slot, "policy added through the API");
+        tracing::info!(policy = %rec.key(), slot = rec.slot, "policy added through the API");
         Ok(Response::new(v1::AddPolicyResponse {
             policy: Some(crate::agent::to_api_policy(&rec)),
         }))
@@ -175,7 +175,9 @@ impl AgentApi for Service {
         request: Request<v1::DeletePolicyRequest>,
     ) -> Result<Response<v1::DeletePolicyResponse>, Status> {
         let r = request.into_inner();
+        // The API deletes its own policies (files and Kubernetes manage theirs).
         let key = PolicyKey {
+            origin: Origin::Api,
             namespace: (!r.namespace.is_empty()).then_some(r.namespace),
             name: r.name,
         };

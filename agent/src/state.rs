@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::identity::ContainerIdentity;
-use crate::policy::{Policy, PolicyKey, RuleAction};
+use crate::policy::{Origin, Policy, PolicyKey, RuleAction};
 
 /// What the maps hold: container entries, binary entries, the cgroup levels word.
 pub type MapContents = (HashMap<u64, PolicySet>, HashMap<u64, BinaryRules>, u64);
@@ -44,6 +44,18 @@ pub struct ContainerRecord {
 pub enum PolicySource {
     File(PathBuf),
     Api,
+    /// A custom resource (`RuntimePolicy`, `NamespacedRuntimePolicy`).
+    Kubernetes,
+}
+
+impl PolicySource {
+    pub fn origin(&self) -> Origin {
+        match self {
+            PolicySource::File(_) => Origin::File,
+            PolicySource::Api => Origin::Api,
+            PolicySource::Kubernetes => Origin::Kubernetes,
+        }
+    }
 }
 
 impl std::fmt::Display for PolicySource {
@@ -51,6 +63,7 @@ impl std::fmt::Display for PolicySource {
         match self {
             PolicySource::File(p) => write!(f, "file:{}", p.display()),
             PolicySource::Api => f.write_str("api"),
+            PolicySource::Kubernetes => f.write_str("kubernetes"),
         }
     }
 }
@@ -60,6 +73,12 @@ pub struct PolicyRecord {
     pub policy: Policy,
     pub slot: usize,
     pub source: PolicySource,
+}
+
+impl PolicyRecord {
+    pub fn key(&self) -> PolicyKey {
+        self.policy.key(self.source.origin())
+    }
 }
 
 /// What is persisted so that a restarted agent rebuilds exactly the same maps.
@@ -289,17 +308,14 @@ impl State {
         sink: &mut dyn MapSink,
     ) -> Result<usize, Error> {
         policy.validate()?;
-        let key = policy.key();
+        // Each origin names its own policies: a file's policy and an API policy of the
+        // same name are two policies.
+        let key = policy.key(source.origin());
         let (slot, old_binaries) = match self.policies.get(&key) {
-            Some(existing) => {
-                if matches!(existing.source, PolicySource::File(_)) && source == PolicySource::Api {
-                    return Err(Error::PolicyFromFile(key.to_string()));
-                }
-                (
-                    existing.slot,
-                    existing.policy.binary_actions().into_keys().collect(),
-                )
-            }
+            Some(existing) => (
+                existing.slot,
+                existing.policy.binary_actions().into_keys().collect(),
+            ),
             None => (
                 self.slots
                     .iter()
@@ -326,7 +342,7 @@ impl State {
         old_binaries: BTreeSet<String>,
         sink: &mut dyn MapSink,
     ) -> Result<(), Error> {
-        let key = rec.policy.key();
+        let key = rec.key();
         let mut binaries = old_binaries;
         binaries.extend(rec.policy.binary_actions().into_keys());
         self.slots[rec.slot] = Some(key.clone());
@@ -490,7 +506,7 @@ impl State {
         }
         for p in snapshot.policies {
             if p.slot < MAX_POLICIES && self.slots[p.slot].is_none() {
-                let key = p.policy.key();
+                let key = p.key();
                 self.slots[p.slot] = Some(key.clone());
                 self.policies.insert(key, p);
             }
@@ -501,7 +517,7 @@ impl State {
     pub fn policy_names(&self, set: &PolicySet) -> Vec<String> {
         set.slots()
             .filter_map(|s| self.policy_in_slot(s))
-            .map(|p| p.policy.key().to_string())
+            .map(|p| p.key().to_string())
             .collect()
     }
 }
@@ -791,6 +807,7 @@ pub mod tests {
         // Deleting the policy removes every entry it created.
         s.delete_policy(
             &PolicyKey {
+                origin: Origin::Api,
                 namespace: None,
                 name: "deny-curl".into(),
             },
@@ -873,6 +890,7 @@ pub mod tests {
         assert!(matches!(e, Err(Error::NoPolicySlot(_))));
         s.delete_policy(
             &PolicyKey {
+                origin: Origin::Api,
                 namespace: None,
                 name: "p7".into(),
             },
@@ -883,23 +901,30 @@ pub mod tests {
     }
 
     #[test]
-    fn file_policies_cannot_be_replaced_through_the_api() {
+    fn each_source_holds_its_own_policy_of_a_name() {
         let mut s = State::new();
         let mut m = FakeMaps::default();
-        s.upsert_policy(
-            policy("p", "web", "/bin/x", "Deny"),
+        let sources = [
             PolicySource::File("/p.yaml".into()),
-            &mut m,
-        )
-        .unwrap();
-        assert!(matches!(
-            s.upsert_policy(
-                policy("p", "web", "/bin/y", "Deny"),
-                PolicySource::Api,
-                &mut m
-            ),
-            Err(Error::PolicyFromFile(_))
-        ));
+            PolicySource::Api,
+            PolicySource::Kubernetes,
+        ];
+        for (binary, source) in ["/bin/x", "/bin/y", "/bin/z"].iter().zip(&sources) {
+            s.upsert_policy(policy("p", "web", binary, "Deny"), source.clone(), &mut m)
+                .unwrap();
+        }
+        assert_eq!(s.policies().count(), 3);
+        assert_eq!(m.binaries.len(), 3);
+        // Deleting one source's policy leaves the others' in force.
+        let key = |origin| PolicyKey {
+            origin,
+            namespace: None,
+            name: "p".into(),
+        };
+        s.delete_policy(&key(Origin::Api), &mut m).unwrap();
+        assert_eq!(m.binaries.len(), 2);
+        let left: Vec<PolicyKey> = s.policies().map(PolicyRecord::key).collect();
+        assert_eq!(left, [key(Origin::File), key(Origin::Kubernetes)]);
     }
 
     #[test]

@@ -162,9 +162,33 @@ impl RuleAction {
     }
 }
 
-/// Identifies a policy: (namespace, name); cluster-wide policies have no namespace.
+/// Where a policy comes from. Each origin names its own policies: a file, the agent's API
+/// and Kubernetes may each hold a policy of the same name without replacing another's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Origin {
+    /// The policy directory.
+    File,
+    /// The agent's gRPC API (`rthooksctl policies add`).
+    Api,
+    /// A `RuntimePolicy` or `NamespacedRuntimePolicy` resource.
+    Kubernetes,
+}
+
+impl Origin {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Origin::File => "file",
+            Origin::Api => "api",
+            Origin::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+/// Identifies a policy: (origin, namespace, name); cluster-wide policies have no
+/// namespace. Displayed without the origin (`ns/name`), as events and listings name it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PolicyKey {
+    pub origin: Origin,
     pub namespace: Option<String>,
     pub name: String,
 }
@@ -241,8 +265,10 @@ impl Requirement {
 }
 
 impl Policy {
-    pub fn key(&self) -> PolicyKey {
+    /// Its key when it comes from `origin`.
+    pub fn key(&self, origin: Origin) -> PolicyKey {
         PolicyKey {
+            origin,
             namespace: match self.kind {
                 PolicyKind::RuntimePolicy => None,
                 PolicyKind::NamespacedRuntimePolicy => self.metadata.namespace.clone(),
@@ -487,7 +513,7 @@ spec:
         ns.metadata.namespace = Some("prod".into());
         assert!(!ns.selects(&container("default", &web, "nginx", "nginx")));
         assert!(ns.selects(&container("prod", &web, "nginx", "nginx")));
-        assert_eq!(ns.key().to_string(), "prod/deny-curl");
+        assert_eq!(ns.key(Origin::Kubernetes).to_string(), "prod/deny-curl");
     }
 
     #[test]
