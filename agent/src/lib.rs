@@ -179,7 +179,7 @@ async fn connect_kube(args: &kube::KubeArgs) -> Result<Option<(::kube::Client, S
     Ok(Some((client, node)))
 }
 
-/// Starts the pod and namespace sources.
+/// Starts the pod and namespace sources and the policy watch.
 fn watch_kube(
     args: &kube::KubeArgs,
     client: ::kube::Client,
@@ -196,9 +196,14 @@ fn watch_kube(
         agent.clone(),
     );
     agent.attach_pods(pods);
-    let namespaces =
-        kube::namespaces::NamespaceSource::spawn(client, resources.namespaces, agent.clone());
+    let namespaces = kube::namespaces::NamespaceSource::spawn(
+        client.clone(),
+        resources.namespaces,
+        agent.clone(),
+    );
     agent.attach_namespaces(namespaces);
+    // kpolicy: RuntimePolicy / NamespacedRuntimePolicy beside the files and the API.
+    kube::policies::spawn(client, node, agent.clone());
 }
 
 /// Sets up `tracing` (text or JSON on stderr).

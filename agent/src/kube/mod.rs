@@ -8,6 +8,7 @@
 pub mod client;
 pub mod namespaces;
 pub mod pods;
+pub mod policies;
 
 pub use client::{Connection, KubeArgs, KubeError, Resources};
 
