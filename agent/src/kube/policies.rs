@@ -164,7 +164,8 @@ fn delete(agent: &Agent, key: &PolicyKey) {
 mod tests {
     //! Against the real test API server (CRDs from the policy types), with agents whose
     //! maps are the state tests' recorder: what a policy resource does to the model and the
-    //! maps, and the per-node status two agents write.
+    //! maps, the per-node status two agents write, and that a status-only change makes no
+    //! agent apply again (counted in the server's audit log).
     use std::time::{Duration, Instant};
 
     use super::*;
@@ -217,6 +218,8 @@ mod tests {
         }
         let audit = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../target/tmp/apiserver-audit/kube_policies.log");
+        // The log of this run only: the test counts the agents' requests in it.
+        let _ = std::fs::remove_file(&audit);
         let server = TestApiServer::start(&audit).await.unwrap();
         server
             .install_crds(&rthooks_policy::resources::crds())
@@ -289,6 +292,54 @@ mod tests {
             nodes,
             [("node-a".into(), true, 1), ("node-b".into(), true, 1)]
         );
+
+        // A status-only change (another manager's entry) leaves the generation as it was:
+        // no agent applies the policy again. Then a spec change (generation 2): each agent
+        // applies it and writes its entry once more. The audit log holds every status
+        // write: exactly one per node per generation.
+        let other = serde_json::json!({"apiVersion": "rthooks.io/v1alpha1", "kind": "RuntimePolicy",
+            "status": {"nodes": [{"node": "node-c", "loaded": false, "containers": 0, "observedGeneration": 1}]}});
+        cluster
+            .patch_status(
+                "deny-nc",
+                &PatchParams::apply("someone-else"),
+                &Patch::Apply(&other),
+            )
+            .await
+            .unwrap();
+        let change = serde_json::json!({"spec": {"rules": [{"binaries": ["/usr/bin/nc", "/usr/bin/ncat"], "action": "Deny"}]}});
+        cluster
+            .patch("deny-nc", &PatchParams::default(), &Patch::Merge(&change))
+            .await
+            .unwrap();
+        until("both nodes at generation 2", async || {
+            let status = cluster.get("deny-nc").await.ok()?.status?;
+            let at_2 = status
+                .nodes
+                .iter()
+                .filter(|n| n.node != "node-c" && n.observed_generation == 2)
+                .count();
+            (at_2 == 2).then_some(())
+        })
+        .await;
+        let status_writes = |node: &str| {
+            std::fs::read_to_string(&audit)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| {
+                    l.contains("\"stage\":\"ResponseComplete\"")
+                        && l.contains("\"verb\":\"patch\"")
+                        && l.contains("/runtimepolicies/deny-nc/status")
+                        && l.contains(&format!("rthooks-agent%2F{node}"))
+                })
+                .count()
+        };
+        until("the status writes in the audit log", async || {
+            (status_writes("node-a") >= 2 && status_writes("node-b") >= 2).then_some(())
+        })
+        .await;
+        assert_eq!((status_writes("node-a"), status_writes("node-b")), (2, 2));
+        assert_eq!(agents[1].gauges().map_binaries.0, 2, "generation 2 applied");
 
         // Deleted in the API: gone from both agents and their maps; the API policy stays.
         cluster
