@@ -6,9 +6,27 @@ use prost::Message;
 use rthooks_api::tetragon;
 
 use crate::error::{Error, Result};
-use crate::grpc::{CallError, Target};
 use crate::state::Bundle;
 use rthooks_container::{CgroupPath, ContainerIdentity};
+use rthooks_grpc_client::{CallError, Target};
+
+/// What the hook's requests name in `user-agent`.
+const USER_AGENT: &str = "rthooks-oci-hook";
+
+/// Where `--grpc-address` points: `unix:///path`, `unix:/path`, `/path`, or, as
+/// Tetragon's hook also accepts, `host:port`, `tcp://host:port`, `http://host:port`,
+/// `dns:///host:port`.
+pub fn target(address: &str) -> Target {
+    if let Some(p) = rthooks_api::socket_path(address) {
+        return Target::Unix(p);
+    }
+    let hostport = address
+        .strip_prefix("tcp://")
+        .or_else(|| address.strip_prefix("dns:///"))
+        .or_else(|| address.strip_prefix("http://"))
+        .unwrap_or(address);
+    Target::Tcp(hostport.trim_end_matches('/').to_owned())
+}
 
 /// The Tetragon-compatible request for a container.
 pub fn create_container_request(
@@ -46,17 +64,17 @@ pub fn create_container_request(
 
 fn call(address: &str, timeout: Duration, path: &str, message: &[u8]) -> Result<Vec<u8>> {
     #[cfg(not(feature = "client-h2"))]
-    let unary = crate::grpc::unary;
+    let unary = rthooks_grpc_client::unary;
     #[cfg(feature = "client-h2")]
-    let unary = crate::grpc_h2::unary;
-    unary(&Target::parse(address), path, message, timeout).map_err(|e| match e {
+    let unary = rthooks_grpc_client::h2_variant::unary;
+    unary(&target(address), USER_AGENT, path, message, timeout).map_err(|e| match e {
         CallError::Timeout => Error::AgentTimeout {
             address: address.to_owned(),
             timeout_ms: timeout.as_millis(),
         },
-        e => Error::Agent {
+        source => Error::Agent {
             address: address.to_owned(),
-            reason: e.to_string(),
+            source,
         },
     })
 }
@@ -89,11 +107,35 @@ pub fn remove_container(address: &str, timeout: Duration, container_id: &str) ->
         "/rthooks.v1.Agent/RemoveContainer",
         &req.encode_to_vec(),
     )?;
-    let r = rthooks_api::v1::RemoveContainerResponse::decode(resp.as_slice()).map_err(|e| {
-        Error::Agent {
-            address: address.to_owned(),
-            reason: format!("undecodable RemoveContainer response: {e}"),
-        }
-    })?;
+    let r =
+        rthooks_api::v1::RemoveContainerResponse::decode(resp.as_slice()).map_err(|source| {
+            Error::AgentResponse {
+                address: address.to_owned(),
+                method: "RemoveContainer",
+                source,
+            }
+        })?;
     Ok(r.removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            target("unix:///run/a.sock"),
+            Target::Unix("/run/a.sock".into())
+        );
+        assert_eq!(target("/run/a.sock"), Target::Unix("/run/a.sock".into()));
+        for a in [
+            "localhost:54321",
+            "tcp://localhost:54321",
+            "http://localhost:54321/",
+            "dns:///localhost:54321",
+        ] {
+            assert_eq!(target(a), Target::Tcp("localhost:54321".into()), "{a}");
+        }
+    }
 }

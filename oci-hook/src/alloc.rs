@@ -61,23 +61,26 @@ impl OneShotAlloc {
         {
             return; // another thread maps it (or did); meanwhile the system serves
         }
-        // SAFETY: an anonymous private mapping; no existing memory is affected.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                self.size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
+        use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+        // SAFETY: a new anonymous private mapping at an address the kernel picks; no
+        // existing memory is affected. (nix's wrapper allocates nothing, as an allocator
+        // must not.)
+        let mapped = std::num::NonZeroUsize::new(self.size).and_then(|size| unsafe {
+            mmap_anonymous(
+                None,
+                size,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_POPULATE,
             )
-        };
-        if p == libc::MAP_FAILED {
+            .ok()
+        });
+        let Some(p) = mapped else {
             self.start.store(usize::MAX, Ordering::Release);
             return;
-        }
-        self.top.store(p as usize, Ordering::Release);
-        self.start.store(p as usize, Ordering::Release);
+        };
+        let p = p.as_ptr() as usize;
+        self.top.store(p, Ordering::Release);
+        self.start.store(p, Ordering::Release);
     }
 
     fn contains(&self, ptr: *mut u8) -> bool {

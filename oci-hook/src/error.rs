@@ -27,41 +27,28 @@ pub enum Error {
     NoCgroupsPath,
     #[error("unsupported cgroupsPath {path:?}: {reason}")]
     CgroupsPath { path: String, reason: String },
-    #[error("agent at {address}: {reason}")]
-    Agent { address: String, reason: String },
+    #[error("agent at {address}: {source}")]
+    Agent {
+        address: String,
+        #[source]
+        source: rthooks_grpc_client::CallError,
+    },
+    #[error("agent at {address}: undecodable {method} response: {source}")]
+    AgentResponse {
+        address: String,
+        method: &'static str,
+        #[source]
+        source: prost::DecodeError,
+    },
     #[error("agent at {address} did not answer within {timeout_ms} ms")]
     AgentTimeout { address: String, timeout_ms: u128 },
-    #[error("invalid configuration: {0}")]
-    Config(String),
     #[error("invalid fail CEL expression {expr:?}: {reason}")]
     Cel { expr: String, reason: String },
     #[error("invalid namespace regex {regex:?}: {reason}")]
     Regex { regex: String, reason: String },
-    #[error("{context}: {path}: {source}")]
-    Io {
-        context: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl Error {
-    #[allow(dead_code)]
-    pub(crate) fn io(
-        context: &'static str,
-        path: impl Into<PathBuf>,
-        source: std::io::Error,
-    ) -> Self {
-        Error::Io {
-            context,
-            path: path.into(),
-            source,
-        }
-    }
-}
 
 fn no_config_message(bundle: Option<&std::path::Path>, cwd: Option<&std::path::Path>) -> String {
     match (bundle, cwd) {

@@ -83,23 +83,12 @@ pub fn run(parsed: Parsed, stdin: impl Read, cwd: Option<PathBuf>) -> Outcome {
     line.insert("time".into(), json!(crate::log::rfc3339_now()));
     let stage = match parsed.stage.as_deref().map(Stage::parse) {
         Some(Ok(s)) => s,
-        Some(Err(e)) => {
-            return finish(
-                c,
-                line,
-                start,
-                Level::Error,
-                level_threshold,
-                "error",
-                &e,
-                warnings,
-                2,
-                Some(e.clone()),
-            );
-        }
-        None => {
-            let e = "rthooks-oci-hook: missing hook stage argument (createRuntime, createContainer or poststop)"
-                .to_owned();
+        unusable => {
+            let e = match unusable {
+                Some(Err(e)) => e,
+                _ => "rthooks-oci-hook: missing hook stage argument (createRuntime, createContainer or poststop)"
+                    .to_owned(),
+            };
             return finish(
                 c,
                 line,

@@ -7,18 +7,15 @@
 //! Modules: [`state`] (stdin state, `config.json`), [`container`] (the container model
 //! shared with the agent: cgroupsPath grammar, annotation keys, identity), [`config`]
 //! (flags, env, file), [`policy`] (failure rule), [`log`] (rotated JSON log), [`agent`]
-//! (the agent's methods), [`grpc`] and [`hpack`] (a one-call HTTP/2 gRPC client),
-//! [`hook`] (one invocation), [`alloc`] (the binary's allocator). The installers live in their own crate and binary, `rthooks-setup`, so
-//! the binary the runtime executes for every container holds only the hook.
+//! (the agent's methods, through the one-call HTTP/2 gRPC client `rthooks-grpc-client`),
+//! [`hook`] (one invocation), [`alloc`] (the binary's allocator). The installers live in
+//! their own crate and binary, `rthooks-setup`, so the binary the runtime executes for
+//! every container holds only the hook.
 pub mod agent;
 pub mod alloc;
 pub mod config;
 pub mod error;
-pub mod grpc;
-#[cfg(feature = "client-h2")]
-pub mod grpc_h2;
 pub mod hook;
-pub mod hpack;
 pub mod log;
 pub mod policy;
 pub mod state;

@@ -326,7 +326,7 @@ fn config_file_beside_binary_and_env() {
     let output = |cmd: &mut Command| {
         for _ in 0..100 {
             match cmd.output() {
-                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32) => {
                     std::thread::sleep(Duration::from_millis(20))
                 }
                 r => return r.unwrap(),
@@ -599,30 +599,22 @@ fn agent_down_shapes() {
 /// Connects non-blocking sockets to `path` until the listener's backlog is full (EAGAIN);
 /// returns them so they stay queued.
 fn fill_backlog(path: &Path) -> Vec<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    use std::os::unix::ffi::OsStrExt;
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let addr = UnixAddr::new(path).unwrap();
     let mut fds = Vec::new();
     for _ in 0..100_000 {
-        // SAFETY: plain socket/connect calls on a descriptor owned at once.
-        unsafe {
-            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
-            assert!(fd >= 0);
-            let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
-            let mut addr: libc::sockaddr_un = std::mem::zeroed();
-            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-            for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
-                *d = *s as libc::c_char;
-            }
-            let r = libc::connect(
-                fd,
-                &addr as *const libc::sockaddr_un as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-            );
-            if r != 0 {
-                break;
-            }
-            fds.push(owned);
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .unwrap();
+        if connect(fd.as_raw_fd(), &addr).is_err() {
+            break;
         }
+        fds.push(fd);
     }
     fds
 }

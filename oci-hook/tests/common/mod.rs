@@ -19,7 +19,7 @@ pub fn which(name: &str) -> Option<PathBuf> {
 
 /// Checks what a root test needs; prints why and returns false when it cannot run.
 pub fn root_prereqs(tools: &[&str]) -> bool {
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         eprintln!("SKIPPED: needs root (runs a real container runtime and the agent)");
         return false;
     }

@@ -1,7 +1,7 @@
-//! HPACK (RFC 7541) header decoding for the agent's responses, and the few encodings the
+//! HPACK (RFC 7541) header decoding for the server's responses, and the few encodings the
 //! request needs.
 //!
-//! The hook sends one request per process, but the agent's HTTP/2 server (hyper's h2)
+//! The client sends one request per connection, but a server such as hyper's h2
 //! Huffman-codes values and indexes them in the dynamic table, and the trailers that carry
 //! `grpc-status` may refer to entries the response headers added: hence a complete
 //! decoder, not a lookup of a few static indexes.
@@ -232,6 +232,22 @@ impl Decoder {
             max_size: limit,
             limit,
         }
+    }
+
+    /// The dynamic table's size as RFC 7541 §4.1 counts it: per entry, name + value + 32.
+    pub fn table_size(&self) -> usize {
+        self.size
+    }
+
+    /// How many entries the dynamic table holds.
+    pub fn table_len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// The table's maximum size now: the limit given to [`Decoder::new`], or less after a
+    /// dynamic table size update.
+    pub fn max_table_size(&self) -> usize {
+        self.max_size
     }
 
     fn get(&self, index: usize) -> R<(Vec<u8>, Vec<u8>)> {

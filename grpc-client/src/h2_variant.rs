@@ -1,13 +1,14 @@
-//! The same one unary call as [`crate::grpc::unary`], made with the `h2` crate on a
+//! The same one unary call as [`crate::unary`], made with the `h2` crate on a
 //! current-thread tokio runtime with only I/O and a timer (for the deadline) enabled: the
-//! candidate measured against the hand-written client (README, "HTTP/2 client and
-//! allocator"). The socket is connected as the hand-written client connects it (same
+//! candidate measured against the hand-written client (oci-hook/README.md, "HTTP/2 client
+//! and allocator"). The socket is connected as the hand-written client connects it (same
 //! errors, same full-backlog retry); only the HTTP/2 layer differs.
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::grpc::{self, CallError, Target};
+use crate as grpc;
+use crate::{CallError, Target};
 
 fn h2_error(e: h2::Error) -> CallError {
     match e.get_io() {
@@ -16,9 +17,10 @@ fn h2_error(e: h2::Error) -> CallError {
     }
 }
 
-/// See [`crate::grpc::unary`]: same arguments, same result.
+/// See [`crate::unary`]: same arguments, same result.
 pub fn unary(
     target: &Target,
+    user_agent: &str,
     path: &str,
     message: &[u8],
     timeout: Duration,
@@ -30,14 +32,18 @@ pub fn unary(
         .build()
         .map_err(CallError::Io)?;
     rt.block_on(async {
-        tokio::time::timeout_at(deadline.into(), call(target, path, message, deadline))
-            .await
-            .unwrap_or(Err(CallError::Timeout))
+        tokio::time::timeout_at(
+            deadline.into(),
+            call(target, user_agent, path, message, deadline),
+        )
+        .await
+        .unwrap_or(Err(CallError::Timeout))
     })
 }
 
 async fn call(
     target: &Target,
+    user_agent: &str,
     path: &str,
     message: &[u8],
     deadline: Instant,
@@ -45,11 +51,11 @@ async fn call(
     match grpc::connect(target, deadline)? {
         grpc::Stream::Unix(s) => {
             let io = tokio::net::UnixStream::from_std(s).map_err(CallError::Io)?;
-            exchange(io, target, path, message).await
+            exchange(io, target, user_agent, path, message).await
         }
         grpc::Stream::Tcp(s) => {
             let io = tokio::net::TcpStream::from_std(s).map_err(CallError::Io)?;
-            exchange(io, target, path, message).await
+            exchange(io, target, user_agent, path, message).await
         }
     }
 }
@@ -57,6 +63,7 @@ async fn call(
 async fn exchange<T>(
     io: T,
     target: &Target,
+    user_agent: &str,
     path: &str,
     message: &[u8],
 ) -> Result<Vec<u8>, CallError>
@@ -77,7 +84,7 @@ where
             .uri(format!("http://{}{path}", target.authority()))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
-            .header("user-agent", "rthooks-oci-hook")
+            .header("user-agent", user_agent)
             .body(())
             .map_err(|e| CallError::Protocol(e.to_string()))?;
         let (response, mut send) = client.send_request(request, false).map_err(h2_error)?;
@@ -86,8 +93,10 @@ where
             .map_err(h2_error)?;
         let response = response.await.map_err(h2_error)?;
         let (head, mut body) = response.into_parts();
-        let mut resp = grpc::Response::default();
-        resp.http_status = Some(head.status.as_str().to_owned());
+        let mut resp = grpc::Response {
+            http_status: Some(head.status.as_str().to_owned()),
+            ..Default::default()
+        };
         resp.headers(header_list(&head.headers));
         while let Some(chunk) = body.data().await {
             let chunk = chunk.map_err(h2_error)?;
