@@ -12,7 +12,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -63,19 +63,13 @@ fn program_stats(agent: &Agent) -> Option<(u64, u64)> {
     let prog = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|p| p.id() == prog_id)?;
-    let fd = prog.fd().ok()?;
-    let info =
-        std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())).ok()?;
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-    };
-    Some((field("run_cnt:")?, field("run_time_ns:")?))
+    Some((prog.run_count(), prog.run_time().as_nanos() as u64))
 }
 
-/// `memlock` of a map as the kernel accounts it (`/proc/self/fdinfo`), in bytes.
-fn map_memlock(fd: i32) -> Option<u64> {
+/// `memlock` of a map as the kernel accounts it (`/proc/self/fdinfo`; aya's `MapInfo` does
+/// not read it), in bytes.
+fn map_memlock(map: &aya::maps::MapData) -> Option<u64> {
+    let fd = map.fd().as_fd().as_raw_fd();
     std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
         .ok()?
         .lines()
@@ -85,82 +79,25 @@ fn map_memlock(fd: i32) -> Option<u64> {
         .ok()
 }
 
-/// bpf(2) with `attr`, a `#[repr(C)]` prefix of the kernel's `union bpf_attr` for `cmd`.
-/// Neither nix nor rustix wraps bpf(2), and aya creates maps only from an object.
-///
-/// # Safety
-/// Every pointer inside `attr` must be valid for what `cmd` reads or writes through it.
-unsafe fn bpf<T>(cmd: libc::c_long, attr: &T) -> libc::c_long {
-    libc::syscall(
-        libc::SYS_bpf,
-        cmd,
-        attr as *const T,
-        std::mem::size_of::<T>(),
-    )
-}
-
 /// A hash map shaped like `CONTAINERS` (same key, value, capacity and flags, from
 /// rthooks-common) filled with `n` containers whose bitmaps select all 128 policies:
 /// (memlock empty, memlock filled, containers inserted). A map of its own, so the figure
 /// does not depend on what a running agent holds.
 fn containers_map_memory(n: u64) -> Option<(u64, u64, u64)> {
+    use aya::maps::{HashMap, IterableMap, MapData};
     use rthooks_common::{ContainerPolicies, MAX_CONTAINERS};
-    #[repr(C)]
-    struct MapCreate {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-    }
-    #[repr(C)]
-    struct Update {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    const BPF_MAP_CREATE: libc::c_long = 0;
-    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-    const BPF_MAP_TYPE_HASH: u32 = 1;
+    /// The flag the eBPF crate declares `CONTAINERS` with (aya-ebpf's bindings).
     const BPF_F_NO_PREALLOC: u32 = 1;
-    let attr = MapCreate {
-        map_type: BPF_MAP_TYPE_HASH,
-        key_size: 8,
-        value_size: std::mem::size_of::<ContainerPolicies>() as u32,
-        max_entries: MAX_CONTAINERS,
-        map_flags: BPF_F_NO_PREALLOC,
-    };
-    // SAFETY: MapCreate holds no pointers.
-    let fd = unsafe { bpf(BPF_MAP_CREATE, &attr) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    let map = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let fd = map.as_raw_fd();
-    let empty = map_memlock(fd);
+    let mut map =
+        HashMap::<MapData, u64, ContainerPolicies>::create(MAX_CONTAINERS, BPF_F_NO_PREALLOC)
+            .ok()?;
+    let empty = map_memlock(map.map());
     let mut value = ContainerPolicies::default();
     value.policies.words = [u64::MAX; rthooks_common::POLICY_WORDS];
-    let mut inserted = 0;
-    for cgroup_id in 1..=n {
-        let update = Update {
-            map_fd: fd as u32,
-            _pad: 0,
-            key: &cgroup_id as *const u64 as u64,
-            value: &value as *const ContainerPolicies as u64,
-            flags: 0,
-        };
-        // SAFETY: key and value point at live values of the map's sizes, only read.
-        let rc = unsafe { bpf(BPF_MAP_UPDATE_ELEM, &update) };
-        if rc != 0 {
-            break;
-        }
-        inserted += 1;
-    }
-    let filled = map_memlock(fd);
-    drop(map);
+    let inserted = (1..=n)
+        .take_while(|cgroup_id| map.insert(cgroup_id, value, 0).is_ok())
+        .count() as u64;
+    let filled = map_memlock(map.map());
     Some((empty?, filled?, inserted))
 }
 

@@ -5,7 +5,7 @@
 //! mode: rows the tracepoint cannot see are the sigkill mode's documented limitation.
 mod common;
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -14,6 +14,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use nix::fcntl::OFlag;
+use nix::mount::{mount, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use nix::sys::stat::Mode;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -253,7 +258,9 @@ fn run_fd_in(cgroup: &Cgroup, fd: &OwnedFd, args: &[&str]) -> Outcome {
     let mut cmd = Command::new("/");
     join_before_exec(&mut cmd, cgroup);
     // SAFETY: the step builds its pointer array on the stack from strings made before
-    // the fork, and only calls execveat(2).
+    // the fork, and only calls execveat(2). Raw libc on purpose: nix's `execveat` collects
+    // the arguments into a new Vec, and between fork and exec nothing may allocate (other
+    // test threads may hold the allocator's lock at the fork).
     unsafe {
         cmd.pre_exec(move || {
             let mut ptrs = [std::ptr::null::<libc::c_char>(); 8];
@@ -275,16 +282,10 @@ fn run_fd_in(cgroup: &Cgroup, fd: &OwnedFd, args: &[&str]) -> Outcome {
     outcome_of(&mut cmd)
 }
 
-fn open_fd(path: &Path, flags: libc::c_int) -> OwnedFd {
-    let c = CString::new(path.to_str().unwrap()).unwrap();
-    // SAFETY: a valid C string; the descriptor is owned by the returned OwnedFd.
-    let fd = unsafe { libc::open(c.as_ptr(), flags) };
-    assert!(
-        fd >= 0,
-        "open {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
+fn open_fd(path: &Path, flags: OFlag) -> OwnedFd {
+    let fd = nix::fcntl::open(path, flags, Mode::empty())
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: a descriptor just opened, owned only by the returned OwnedFd.
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
@@ -298,7 +299,7 @@ fn an_exec_of_an_open_descriptor_is_matched_by_the_opened_path() {
     }
     let f = Files::new();
     let (agent, pod) = deny_in_pod(&[&f.victim, &f.script]);
-    let fd = open_fd(&f.victim, libc::O_RDONLY | libc::O_CLOEXEC);
+    let fd = open_fd(&f.victim, OFlag::O_RDONLY | OFlag::O_CLOEXEC);
     let marker = f.marker();
     let outcome = run_fd_in(&pod, &fd, &[marker.to_str().unwrap()]);
     assert_stopped(
@@ -306,7 +307,7 @@ fn an_exec_of_an_open_descriptor_is_matched_by_the_opened_path() {
         "ELF binary by descriptor",
         (outcome, marker.exists()),
     );
-    let path_fd = open_fd(&f.victim, libc::O_PATH | libc::O_CLOEXEC);
+    let path_fd = open_fd(&f.victim, OFlag::O_PATH | OFlag::O_CLOEXEC);
     let marker = f.marker();
     let outcome = run_fd_in(&pod, &path_fd, &[marker.to_str().unwrap()]);
     assert_stopped(
@@ -315,7 +316,7 @@ fn an_exec_of_an_open_descriptor_is_matched_by_the_opened_path() {
         (outcome, marker.exists()),
     );
     // Not close-on-exec: the interpreter opens the script again as /dev/fd/N.
-    let script_fd = open_fd(&f.script, libc::O_RDONLY);
+    let script_fd = open_fd(&f.script, OFlag::O_RDONLY);
     let marker = f.marker();
     let outcome = run_fd_in(&pod, &script_fd, &[marker.to_str().unwrap()]);
     assert_stopped_unless_tracepoint(&agent, "script by descriptor", (outcome, marker.exists()));
@@ -336,11 +337,11 @@ impl Binfmt {
     fn register(magic: &str, handler: &Path) -> Result<Option<Binfmt>, String> {
         let register = Path::new(BINFMT_DIR).join("register");
         if !register.exists() {
-            match nix::mount::mount(
+            match mount(
                 Some("binfmt_misc"),
                 BINFMT_DIR,
                 Some("binfmt_misc"),
-                nix::mount::MsFlags::empty(),
+                MsFlags::empty(),
                 None::<&str>,
             ) {
                 Ok(()) => {}
@@ -439,33 +440,25 @@ fn an_overlay_file_is_matched_by_its_overlay_path() {
         let mut cmd = Command::new(merged.join(name));
         cmd.arg(&marker);
         join_before_exec(&mut cmd, &pod);
-        // SAFETY: unshare(2) and mount(2) with strings made before the fork.
+        // SAFETY: unshare(2) and mount(2) with C strings made before the fork (nix
+        // passes a `CStr` through without allocating).
         unsafe {
             cmd.pre_exec(move || {
-                let fail = || Err(std::io::Error::last_os_error());
-                if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                    return fail();
-                }
-                if libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ) != 0
-                {
-                    return fail();
-                }
-                if libc::mount(
-                    c"overlay".as_ptr(),
-                    target.as_ptr(),
-                    c"overlay".as_ptr(),
-                    0,
-                    options.as_ptr() as *const _,
-                ) != 0
-                {
-                    return fail();
-                }
+                unshare(CloneFlags::CLONE_NEWNS)?;
+                mount(
+                    None::<&CStr>,
+                    c"/",
+                    None::<&CStr>,
+                    MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                    None::<&CStr>,
+                )?;
+                mount(
+                    Some(c"overlay"),
+                    target.as_c_str(),
+                    Some(c"overlay"),
+                    MsFlags::empty(),
+                    Some(options.as_c_str()),
+                )?;
                 Ok(())
             });
         }
@@ -514,12 +507,7 @@ fn copies_memfds_and_the_loader_are_not_matched_by_the_binary_path() {
         run_marked(&pod, &f.root, &copy, &[], &f.marker()),
     );
 
-    // SAFETY: a constant C string; the descriptor is owned by the OwnedFd.
-    let memfd = unsafe {
-        let fd = libc::memfd_create(c"victim".as_ptr(), libc::MFD_CLOEXEC);
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        OwnedFd::from_raw_fd(fd)
-    };
+    let memfd = memfd_create(c"victim", MemFdCreateFlag::MFD_CLOEXEC).expect("memfd_create");
     std::fs::write(
         format!("/proc/self/fd/{}", memfd.as_raw_fd()),
         std::fs::read(&f.victim).unwrap(),

@@ -50,25 +50,17 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ApiServerError 
 }
 
 /// Set by `cargo xtask test`: the directory holding `etcd` and `apiextensions-apiserver`.
-pub const BIN_DIR_ENV: &str = "RTHOOKS_APISERVER_BIN_DIR";
+pub use crate::APISERVER_BIN_DIR_ENV as BIN_DIR_ENV;
 
 /// How long the server may take to answer `/readyz` (a busy 2-core machine: ~5–20 s).
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The directory with the built binaries, if they exist: `$RTHOOKS_APISERVER_BIN_DIR`, else
-/// `<cache>/apiserver/bin` as xtask lays it out (`$RTHOOKS_CACHE` or `~/.cache/rthooks`).
+/// where xtask builds them ([`crate::apiserver_bin_dir`]).
 pub fn bin_dir() -> Option<PathBuf> {
     let dir = std::env::var_os(BIN_DIR_ENV)
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("RTHOOKS_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                        .join(".cache/rthooks")
-                })
-                .join("apiserver/bin")
-        });
+        .unwrap_or_else(crate::apiserver_bin_dir);
     (dir.join("etcd").exists() && dir.join("apiextensions-apiserver").exists()).then_some(dir)
 }
 

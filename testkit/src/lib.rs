@@ -78,6 +78,27 @@ pub enum LaunchError {
     },
 }
 
+/// The cache of downloads and tools built outside git: `$RTHOOKS_CACHE`, else
+/// `~/.cache/rthooks`. The one definition: xtask fills it (`cargo xtask setup`, kernels,
+/// guest userland), the tests find what it built there.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("RTHOOKS_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/rthooks")
+}
+
+/// The variable through which `cargo xtask test` tells the tests where the test
+/// Kubernetes API server's binaries are (default [`apiserver_bin_dir`]).
+pub const APISERVER_BIN_DIR_ENV: &str = "RTHOOKS_APISERVER_BIN_DIR";
+
+/// Where `cargo xtask setup` builds the test Kubernetes API server (`etcd`,
+/// `apiextensions-apiserver`): `<cache>/apiserver/bin`.
+pub fn apiserver_bin_dir() -> PathBuf {
+    cache_dir().join("apiserver/bin")
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name no other test of this or another process uses at the same time.

@@ -37,13 +37,9 @@ const SUITE: &str = "sid";
 /// The Go import path `go build` is given.
 const PACKAGE: &str = "k8s.io/apiextensions-apiserver";
 
-/// The variable through which `cargo xtask test` tells the tests where the binaries are.
-pub const BIN_DIR_ENV: &str = "RTHOOKS_APISERVER_BIN_DIR";
-
-/// Where the built binaries are.
-pub fn bin_dir() -> PathBuf {
-    cache_dir().join("apiserver/bin")
-}
+/// The variable through which `cargo xtask test` tells the tests where the binaries are,
+/// and where they are built: the test kit's, where the tests look.
+pub use rthooks_testkit::{apiserver_bin_dir as bin_dir, APISERVER_BIN_DIR_ENV as BIN_DIR_ENV};
 
 /// Builds the server once; later calls return at once while the build's stamp is there.
 pub fn ensure() -> Result<()> {

@@ -5,14 +5,16 @@
 //! around each reaped child) decides; wall p50/p99 and the binary size are printed beside
 //! it (oci-hook/README.md, "HTTP/2 client and allocator").
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use nix::sys::resource::{getrusage, UsageWho};
+use rthooks_testkit::AgentSpec;
 
+use crate::hookbench::BenchBundle;
 use crate::setup::{musl_target_installed, MUSL_TARGET};
-use crate::util::{cargo, target_dir, workspace_root};
+use crate::util::{cargo, loadavg, quantile, target_dir};
 
 /// The variants: a name and rthooks-oci-hook's cargo features.
 const VARIANTS: &[(&str, &str)] = &[
@@ -72,17 +74,17 @@ pub fn run(args: &Args) -> Result<()> {
 
     let run_dir = out.join("run");
     let _ = std::fs::remove_dir_all(&run_dir);
-    let bundle = Bundle::create(&run_dir)?;
-    let agent = BenchAgent::start(&agent_bin, &run_dir.join("agent"))?;
-
-    // The socket exists a moment before the agent answers: wait for a first registration.
-    let ready = Instant::now() + Duration::from_secs(30);
-    while let Err(e) = invoke(&bins[0], &bundle, &agent.address, &run_dir, 0) {
-        if Instant::now() > ready {
-            return Err(e.context("the agent never registered the container"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let bundle = BenchBundle::create(&run_dir.join("bundle"))?;
+    // The shared launcher: its own socket, pin, state and policy directories; killed and
+    // unpinned when dropped.
+    let agent = AgentSpec::new(&agent_bin)
+        .dir(run_dir.join("agent"))
+        .pin_dir("/sys/fs/bpf/rthooks-hook-variants")
+        .arg("--log-level=warn")
+        .start()?;
+    let address = agent.address();
+    invoke(&bins[0], &bundle, &address, &run_dir, 0)
+        .context("the agent did not register the bench container")?;
     let load_before = loadavg();
     let mut samples: Vec<Vec<Sample>> = VARIANTS.iter().map(|_| Vec::new()).collect();
     let total = 50 + args.runs;
@@ -90,7 +92,7 @@ pub fn run(args: &Args) -> Result<()> {
         // Rotate who goes first, so no variant always follows the same neighbour.
         for k in 0..VARIANTS.len() {
             let v = (round + k) % VARIANTS.len();
-            let s = invoke(&bins[v], &bundle, &agent.address, &run_dir, v)
+            let s = invoke(&bins[v], &bundle, &address, &run_dir, v)
                 .with_context(|| format!("variant {}", VARIANTS[v].0))?;
             if round >= 50 {
                 samples[v].push(s);
@@ -182,7 +184,7 @@ fn build_variants(bins: &[PathBuf]) -> Result<()> {
 
 /// One hook invocation: its CPU time (its own, reaped before the next starts) and wall
 /// time from spawn to reaping.
-fn invoke(bin: &Path, bundle: &Bundle, address: &str, dir: &Path, v: usize) -> Result<Sample> {
+fn invoke(bin: &Path, bundle: &BenchBundle, address: &str, dir: &Path, v: usize) -> Result<Sample> {
     let before = getrusage(UsageWho::RUSAGE_CHILDREN)?;
     let start = Instant::now();
     let status = Command::new(bin)
@@ -219,125 +221,12 @@ fn invoke(bin: &Path, bundle: &Bundle, address: &str, dir: &Path, v: usize) -> R
     })
 }
 
-/// oci-hook/bench's containerd spec (an nginx pod, 12 mounts, the CRI annotations) as a
-/// bundle whose cgroup exists, and its state JSON pointing at it.
-struct Bundle {
-    dir: PathBuf,
-    state: PathBuf,
-    cgroup: PathBuf,
-}
-
-impl Bundle {
-    fn create(run_dir: &Path) -> Result<Bundle> {
-        let src = workspace_root().join("oci-hook/bench");
-        let dir = run_dir.join("bundle");
-        std::fs::create_dir_all(dir.join("rootfs"))?;
-        std::fs::copy(src.join("config.json"), dir.join("config.json"))?;
-        let mut state: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(src.join("state.json"))?)?;
-        state["bundle"] = dir.to_string_lossy().into_owned().into();
-        let state_path = run_dir.join("state.json");
-        std::fs::write(&state_path, serde_json::to_vec(&state)?)?;
-        let spec: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(src.join("config.json"))?)?;
-        let cgroups_path = spec["linux"]["cgroupsPath"]
-            .as_str()
-            .context("bench config.json has no linux.cgroupsPath")?;
-        let unified = Path::new("/sys/fs/cgroup/unified");
-        let root = if unified.is_dir() {
-            unified
-        } else {
-            Path::new("/sys/fs/cgroup")
-        };
-        let cgroup = root.join(cgroups_path.trim_start_matches('/'));
-        std::fs::create_dir_all(&cgroup)
-            .with_context(|| format!("creating {}", cgroup.display()))?;
-        Ok(Bundle {
-            dir,
-            state: state_path,
-            cgroup,
-        })
-    }
-}
-
-/// The real agent on its own socket, pin, state and policy directories; stopped and
-/// unpinned on drop.
-struct BenchAgent {
-    child: Child,
-    bin: PathBuf,
-    pin_dir: PathBuf,
-    address: String,
-}
-
-impl BenchAgent {
-    fn start(bin: &Path, dir: &Path) -> Result<BenchAgent> {
-        for d in ["state", "policies"] {
-            std::fs::create_dir_all(dir.join(d))?;
-        }
-        let socket = dir.join("agent.sock");
-        let pin_dir = PathBuf::from("/sys/fs/bpf/rthooks-hook-variants");
-        let log = std::fs::File::create(dir.join("agent.log"))?;
-        let child = Command::new(bin)
-            .arg(format!("--grpc-address=unix://{}", socket.display()))
-            .arg(format!("--bpf-pin-dir={}", pin_dir.display()))
-            .arg(format!("--state-dir={}", dir.join("state").display()))
-            .arg(format!("--policy-dir={}", dir.join("policies").display()))
-            .arg("--log-level=warn")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut agent = BenchAgent {
-            child,
-            bin: bin.to_owned(),
-            pin_dir,
-            address: format!("unix://{}", socket.display()),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !socket.exists() {
-            if let Some(st) = agent.child.try_wait()? {
-                bail!(
-                    "the agent exited with {st}; see {}",
-                    dir.join("agent.log").display()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!("the agent did not listen within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(agent)
-    }
-}
-
-impl Drop for BenchAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new(&self.bin)
-            .arg("--unpin")
-            .arg(format!("--bpf-pin-dir={}", self.pin_dir.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
 fn mean_ms(s: &[Sample]) -> f64 {
     s.iter().map(|x| x.cpu.as_secs_f64()).sum::<f64>() * 1e3 / s.len().max(1) as f64
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted
-        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or_default()
+    quantile(sorted, p).unwrap_or_default()
 }
 
 fn ms(d: Duration) -> f64 {

@@ -8,7 +8,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use rthooks_testkit::AgentSpec;
 
-use crate::util::{effective_uid, output, run, target_dir, workspace_root};
+use crate::util::{cgroup_v2_root, loadavg, output, quantile, run, target_dir, workspace_root};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchHookArgs {
@@ -31,11 +31,10 @@ pub struct BenchHookArgs {
 
 /// The bundle: a containerd-like spec whose cgroup exists (the agent resolves its id).
 const BUNDLE: &str = "/tmp/hb";
-const CGROUP: &str = "rthooks-bench-hook";
 const PIN_DIR: &str = "/sys/fs/bpf/rthooks-hookbench";
 
 pub fn bench_hook(a: &BenchHookArgs) -> Result<()> {
-    if effective_uid() != 0 {
+    if !nix::unistd::geteuid().is_root() {
         bail!("the agent loads eBPF programs: run as root");
     }
     let target = target_dir();
@@ -64,19 +63,8 @@ pub fn bench_hook(a: &BenchHookArgs) -> Result<()> {
         );
     }
 
-    let bench = workspace_root().join("oci-hook/bench");
-    let bundle = Path::new(BUNDLE);
-    std::fs::create_dir_all(bundle.join("rootfs"))?;
-    for f in ["config.json", "state.json"] {
-        std::fs::copy(bench.join(f), bundle.join(f)).with_context(|| format!("copying {f}"))?;
-    }
-    let unified = Path::new("/sys/fs/cgroup/unified");
-    let cgroup_root = if unified.is_dir() {
-        unified
-    } else {
-        Path::new("/sys/fs/cgroup")
-    };
-    std::fs::create_dir_all(cgroup_root.join(CGROUP))?;
+    let bench_bundle = BenchBundle::create(Path::new(BUNDLE))?;
+    let bundle = bench_bundle.dir.as_path();
     std::fs::create_dir_all(&a.out)?;
 
     let agent = AgentSpec::new(agent)
@@ -89,10 +77,7 @@ pub fn bench_hook(a: &BenchHookArgs) -> Result<()> {
     // where the hook finds config.json as it does when a runtime passes no state.
     let help = output(Command::new(&a.hyperfine).arg("--help")).unwrap_or_default();
     let input: Vec<String> = if help.contains("--input") {
-        vec![
-            "--input".into(),
-            bundle.join("state.json").display().to_string(),
-        ]
+        vec!["--input".into(), bench_bundle.state.display().to_string()]
     } else {
         Vec::new()
     };
@@ -111,7 +96,7 @@ pub fn bench_hook(a: &BenchHookArgs) -> Result<()> {
     let log = |name: &str| a.out.join(format!("{name}.log"));
     let _ = std::fs::remove_file(log("up"));
     let _ = std::fs::remove_file(log("down"));
-    println!("load before: {}", load());
+    println!("load before: {}", loadavg());
     let h = hook.display();
     hyperfine(
         "up",
@@ -133,7 +118,7 @@ pub fn bench_hook(a: &BenchHookArgs) -> Result<()> {
         &["-i"],
     )?;
     hyperfine("true", "/bin/true", &[])?;
-    println!("load after:  {}", load());
+    println!("load after:  {}", loadavg());
     println!("binary: {} bytes", std::fs::metadata(&hook)?.len());
     for name in ["up", "down", "true"] {
         let v: serde_json::Value =
@@ -181,17 +166,41 @@ fn sorted<'a>(values: impl Iterator<Item = &'a serde_json::Value>) -> Vec<f64> {
 
 /// The `p` quantile as the old script computed it: the element at `len * p`.
 fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+    quantile(sorted, p).unwrap_or(f64::NAN)
 }
 
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
+/// oci-hook/bench's containerd spec (an nginx pod, 12 mounts, the CRI annotations) as a
+/// bundle whose cgroup exists, and its state JSON (`state.json` in the bundle) pointing
+/// at it: what `bench-hook` and `hook-variants` feed the hook.
+pub struct BenchBundle {
+    pub dir: PathBuf,
+    pub state: PathBuf,
+    pub cgroup: PathBuf,
+}
+
+impl BenchBundle {
+    pub fn create(dir: &Path) -> Result<BenchBundle> {
+        let src = workspace_root().join("oci-hook/bench");
+        std::fs::create_dir_all(dir.join("rootfs"))?;
+        std::fs::copy(src.join("config.json"), dir.join("config.json"))
+            .context("copying config.json")?;
+        let mut state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(src.join("state.json"))?)?;
+        state["bundle"] = dir.to_string_lossy().into_owned().into();
+        let state_path = dir.join("state.json");
+        std::fs::write(&state_path, serde_json::to_vec(&state)?)?;
+        let spec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(src.join("config.json"))?)?;
+        let cgroups_path = spec["linux"]["cgroupsPath"]
+            .as_str()
+            .context("bench config.json has no linux.cgroupsPath")?;
+        let cgroup = cgroup_v2_root().join(cgroups_path.trim_start_matches('/'));
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating {}", cgroup.display()))?;
+        Ok(BenchBundle {
+            dir: dir.to_owned(),
+            state: state_path,
+            cgroup,
+        })
+    }
 }

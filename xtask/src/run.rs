@@ -4,14 +4,14 @@
 use anyhow::{bail, Context, Result};
 use rthooks_testkit::{AgentSpec, Output};
 
-use crate::util::{cargo, effective_uid, workspace_root};
+use crate::util::{cargo, workspace_root};
 
 /// The agent's own defaults, so that `rthooksctl` finds it without `--address`.
 const SOCKET: &str = "/run/rthooks/agent.sock";
 const PIN_DIR: &str = "/sys/fs/bpf/rthooks";
 
 pub fn run_agent(extra: &[String]) -> Result<()> {
-    if effective_uid() != 0 {
+    if !nix::unistd::geteuid().is_root() {
         bail!("the agent loads eBPF programs: run as root");
     }
     cargo(&[

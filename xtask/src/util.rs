@@ -11,14 +11,9 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `~/.cache/rthooks` (or `$RTHOOKS_CACHE`): downloads and tools kept outside git.
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("RTHOOKS_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(".cache/rthooks")
-}
+/// `~/.cache/rthooks` (or `$RTHOOKS_CACHE`): downloads and tools kept outside git. Defined
+/// once, in the test kit, where the tests look for what xtask built.
+pub use rthooks_testkit::cache_dir;
 
 /// Runs a command, inheriting stdio; fails with the command line when it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
@@ -59,14 +54,31 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// The effective uid, from /proc (xtask needs no libc for it).
-pub fn effective_uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(u32::MAX)
+/// The 1-, 5- and 15-minute load averages, for a benchmark's report.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The `p` quantile of `sorted`: the element at `len * p` (None when empty).
+pub fn quantile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+    let last = sorted.len().checked_sub(1)?;
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(last))
+        .copied()
+}
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup/unified` on a hybrid host, else
+/// `/sys/fs/cgroup`.
+pub fn cgroup_v2_root() -> &'static std::path::Path {
+    let unified = std::path::Path::new("/sys/fs/cgroup/unified");
+    if unified.is_dir() {
+        unified
+    } else {
+        std::path::Path::new("/sys/fs/cgroup")
+    }
 }

@@ -6,7 +6,7 @@ use aya::Ebpf;
 use rthooks_common::{programs, BPRM_CHECK_FUNCTION};
 
 use super::fs::bpf_lsm_active;
-use super::programs::{attach_raw_tracepoint, pin_link, program_mut, remove_link_pin};
+use super::programs::{attach_program, attach_raw_tracepoint, pin_link, remove_link_pin};
 use crate::error::Error;
 
 #[derive(
@@ -144,49 +144,39 @@ fn lsm_unusable() -> Option<String> {
 }
 
 fn attach_lsm(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<FdLink, Error> {
-    let name = programs::EXEC_LSM;
-    let prog: &mut Lsm = program_mut(ebpf, name)?
-        .try_into()
-        .map_err(Error::program("typing", name))?;
-    prog.load("bprm_check_security", btf)
-        .map_err(Error::program("loading", name))?;
-    let link = prog.attach().map_err(Error::program("attaching", name))?;
-    Ok(prog
-        .take_link(link)
-        .map_err(Error::program("taking the link of", name))?
-        .into())
+    let link = attach_program!(
+        ebpf,
+        Lsm,
+        programs::EXEC_LSM,
+        load("bprm_check_security", btf),
+        attach()
+    );
+    Ok(link.into())
 }
 
 fn attach_fentry(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<FdLink, Error> {
-    let name = programs::EXEC_FENTRY;
-    let prog: &mut FEntry = program_mut(ebpf, name)?
-        .try_into()
-        .map_err(Error::program("typing", name))?;
-    prog.load(BPRM_CHECK_FUNCTION, btf)
-        .map_err(Error::program("loading", name))?;
-    let link = prog.attach().map_err(Error::program("attaching", name))?;
-    Ok(prog
-        .take_link(link)
-        .map_err(Error::program("taking the link of", name))?
-        .into())
+    let link = attach_program!(
+        ebpf,
+        FEntry,
+        programs::EXEC_FENTRY,
+        load(BPRM_CHECK_FUNCTION, btf),
+        attach()
+    );
+    Ok(link.into())
 }
 
 fn attach_kprobe(ebpf: &mut Ebpf, _: &aya::Btf) -> Result<FdLink, Error> {
-    let name = programs::EXEC_KPROBE;
-    let prog: &mut KProbe = program_mut(ebpf, name)?
-        .try_into()
-        .map_err(Error::program("typing", name))?;
-    prog.load().map_err(Error::program("loading", name))?;
-    let link = prog
-        .attach(BPRM_CHECK_FUNCTION, 0)
-        .map_err(Error::program("attaching", name))?;
-    let link = prog
-        .take_link(link)
-        .map_err(Error::program("taking the link of", name))?;
+    let link = attach_program!(
+        ebpf,
+        KProbe,
+        programs::EXEC_KPROBE,
+        load(),
+        attach(BPRM_CHECK_FUNCTION, 0)
+    );
     // Before 5.15 a kprobe is attached through its perf event, not a BPF link: nothing
     // to pin, and enforcement would end with this process.
     FdLink::try_from(link).map_err(|_| Error::Unpinnable {
-        program: name,
+        program: programs::EXEC_KPROBE,
         why: "this kernel attaches kprobes without a BPF link (those came in 5.15)",
     })
 }

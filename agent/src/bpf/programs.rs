@@ -103,6 +103,27 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, Error> {
         .ok_or(Error::NotInObject { what: "map", name })
 }
 
+/// Types program `$name` of the object as `$ty`, loads it with `load(...)`'s arguments,
+/// attaches it with `attach(...)`'s and takes its link out: the same steps for every
+/// program type, in a macro because aya's program types share no trait for `load` and
+/// `attach` (their arguments differ).
+macro_rules! attach_program {
+    ($ebpf:expr, $ty:ty, $name:expr, load($($load:expr),*), attach($($attach:expr),*)) => {{
+        use $crate::error::Error;
+        let name: &'static str = $name;
+        let prog: &mut $ty = $crate::bpf::programs::program_mut($ebpf, name)?
+            .try_into()
+            .map_err(Error::program("typing", name))?;
+        prog.load($($load),*).map_err(Error::program("loading", name))?;
+        let link = prog
+            .attach($($attach),*)
+            .map_err(Error::program("attaching", name))?;
+        prog.take_link(link)
+            .map_err(Error::program("taking the link of", name))?
+    }};
+}
+pub(super) use attach_program;
+
 pub(super) fn program_mut<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
@@ -124,17 +145,7 @@ pub(super) fn attach_raw_tracepoint(
     name: &'static str,
     tracepoint: &str,
 ) -> Result<FdLink, Error> {
-    let prog: &mut RawTracePoint = program_mut(ebpf, name)?
-        .try_into()
-        .map_err(Error::program("typing", name))?;
-    prog.load().map_err(Error::program("loading", name))?;
-    let link = prog
-        .attach(tracepoint)
-        .map_err(Error::program("attaching", name))?;
-    Ok(prog
-        .take_link(link)
-        .map_err(Error::program("taking the link of", name))?
-        .into())
+    Ok(attach_program!(ebpf, RawTracePoint, name, load(), attach(tracepoint)).into())
 }
 
 /// Removes every pin: programs detach, maps go away once unused. For uninstalling and

@@ -5,10 +5,13 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
 use rthooks_api::tetragon::CreateContainer;
 
 pub mod cluster;
@@ -19,7 +22,7 @@ pub use rthooks_testkit::{unique, wait_for, Agent, AgentSpec};
 /// Root, a cgroup v2 mount and a working BPF syscall are needed; without them the test
 /// says why and passes vacuously (CI runs as root, where they must run).
 pub fn kernel_tests_possible() -> bool {
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         eprintln!("SKIPPED: kernel integration tests need root");
         return false;
     }
@@ -168,20 +171,24 @@ pub fn run_in(cgroup: &Cgroup, cwd: &Path, program: &str, args: &[&str]) -> Outc
 /// Makes `cmd`'s child move itself into `cgroup` between fork and exec. `pre_exec` steps
 /// added after this one run inside the cgroup, so an exec they make is covered too.
 pub fn join_before_exec(cmd: &mut Command, cgroup: &Cgroup) {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::Mode;
     let procs = CString::new(cgroup.path.join("cgroup.procs").to_str().unwrap()).unwrap();
-    // SAFETY: only async-signal-safe calls (open/write/close) between fork and exec.
+    // SAFETY: between fork and exec only open(2), write(2) and close(2), through nix
+    // wrappers that allocate nothing for a `CStr` path (other test threads may hold the
+    // allocator's lock at the fork).
     unsafe {
         cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let ok = libc::write(fd, b"0".as_ptr() as *const _, 1) == 1;
-            libc::close(fd);
-            if ok {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
+            let fd = open(
+                procs.as_c_str(),
+                OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?;
+            // SAFETY: a descriptor just opened, owned (and closed on drop) here only.
+            let fd = OwnedFd::from_raw_fd(fd);
+            match nix::unistd::write(&fd, b"0")? {
+                1 => Ok(()),
+                _ => Err(std::io::ErrorKind::WriteZero.into()),
             }
         });
     }
@@ -191,9 +198,9 @@ pub fn join_before_exec(cmd: &mut Command, cgroup: &Cgroup) {
 pub fn outcome_of(cmd: &mut Command) -> Outcome {
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
     match cmd.status() {
-        Ok(status) if status.signal() == Some(libc::SIGKILL) => Outcome::Killed,
+        Ok(status) if status.signal() == Some(Signal::SIGKILL as i32) => Outcome::Killed,
         Ok(status) => Outcome::Ran(status),
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Outcome::ExecDenied,
+        Err(e) if e.raw_os_error() == Some(Errno::EPERM as i32) => Outcome::ExecDenied,
         Err(e) => panic!("running {:?}: {e}", cmd.get_program()),
     }
 }
