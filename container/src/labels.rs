@@ -39,13 +39,17 @@ pub fn from_annotations(
     annotations.get(POD_LABELS_ANNOTATION).map(|v| parse(v))
 }
 
-/// Labels containerd or kubelet add to a sandbox's CRI labels that are not the pod's
-/// Kubernetes labels (policies select on the labels the Kubernetes API shows).
+/// Labels containerd, CRI-O or kubelet add to a sandbox's CRI labels that are not the
+/// pod's Kubernetes labels (policies select on the labels the Kubernetes API shows).
+/// CRI-O adds `io.kubernetes.container.name: POD` (its infra container's name).
 pub fn is_runtime_label(key: &str) -> bool {
     key.starts_with("io.cri-containerd.")
         || matches!(
             key,
-            "io.kubernetes.pod.name" | "io.kubernetes.pod.namespace" | "io.kubernetes.pod.uid"
+            "io.kubernetes.pod.name"
+                | "io.kubernetes.pod.namespace"
+                | "io.kubernetes.pod.uid"
+                | "io.kubernetes.container.name"
         )
 }
 
@@ -128,6 +132,8 @@ mod tests {
             ("app", "web"),
             ("io.cri-containerd.kind", "sandbox"),
             ("io.kubernetes.pod.uid", "u"),
+            // CRI-O's sandboxes.
+            ("io.kubernetes.container.name", "POD"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -23,13 +23,11 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 use crate::cri::Cri;
 use crate::debian::{self, Package};
@@ -366,24 +364,18 @@ state = "{d}/state"
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())?;
         let path = format!(
             "{}:{}",
             self.bins.bin_dir.display(),
             std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
         );
-        let child = Command::new(&self.bins.containerd)
-            .arg("--config")
-            .arg(self.config_path())
-            .env("PATH", path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", self.bins.containerd.display()))?;
+        let child = crate::daemon::spawn_logged(
+            Command::new(&self.bins.containerd)
+                .arg("--config")
+                .arg(self.config_path())
+                .env("PATH", path),
+            &self.log_path(),
+        )?;
         self.child = Some(child);
         Ok(())
     }
@@ -391,20 +383,18 @@ state = "{d}/state"
     async fn wait_up(&mut self) -> Result<()> {
         // Stretched in VM guests: containerd 1.7 on 5.10 under TCG needs 20–30 s to start.
         let deadline = Instant::now() + crate::guest::secs(30);
-        while !self.socket().exists() {
-            if let Some(st) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("containerd exited ({st}):\n{}", self.log_tail(40));
+        let (socket, log) = (self.socket(), self.log_path());
+        crate::daemon::wait_for_socket(&mut self.child, &socket, deadline, &log)
+            .await
+            .context("containerd")?;
+        // The socket file exists from bind(); connections are refused until listen().
+        let mut cri = loop {
+            match self.cri().await {
+                Ok(cri) => break cri,
+                Err(e) if Instant::now() > deadline => return Err(e.context(self.log_tail(40))),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
-            if Instant::now() > deadline {
-                bail!("containerd socket did not appear:\n{}", self.log_tail(40));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let mut cri = self.cri().await?;
+        };
         cri.wait_ready(Duration::from_secs(30))
             .await
             .with_context(|| self.log_tail(40))?;
@@ -438,28 +428,14 @@ state = "{d}/state"
 
     /// The last `n` lines of containerd's log.
     pub fn log_tail(&self, n: usize) -> String {
-        let text = fs::read_to_string(self.log_path()).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        crate::daemon::log_tail(&self.log_path(), n)
     }
 
     /// Stops containerd (SIGTERM, then SIGKILL after 10 s). Containers keep running in
     /// their shims, as on a real node.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if child.try_wait().ok().flatten().is_some() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            crate::daemon::terminate(&mut child);
         }
     }
 
@@ -470,46 +446,11 @@ state = "{d}/state"
         self.spawn()?;
         self.wait_up().await
     }
-
-    /// Kills leftover shims of this containerd (found by our unique socket path in their
-    /// command line) and detaches mounts under our directory, so the directory can go.
-    fn reap(&mut self) {
-        let ours = self.socket().display().to_string();
-        if let Ok(rd) = fs::read_dir("/proc") {
-            for e in rd.flatten() {
-                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                    continue;
-                };
-                let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                if cmdline.contains("containerd-shim") && cmdline.contains(&ours) {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                }
-            }
-        }
-        let root = self.dir.path().display().to_string();
-        let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
-            .filter(|mp| mp.starts_with(&root))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
 }
 
 impl Drop for Containerd {
     fn drop(&mut self) {
         self.stop();
-        // Pods a failed test left behind: kill their processes (killing the shims would
-        // orphan them), then the shims and mounts.
-        let leftovers: Vec<String> = self.pod_cgroups.lock().unwrap().drain(..).collect();
-        for cg in &leftovers {
-            crate::cri::kill_cgroup_tree(cg);
-        }
-        self.reap();
+        crate::daemon::tear_down(&self.pod_cgroups, self.dir.path(), "containerd-shim");
     }
 }

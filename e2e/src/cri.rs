@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use rthooks_container::annotations::crio as kubelet_labels;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// A pod to create.
@@ -62,6 +63,15 @@ impl PodSpec {
         } else {
             format!("/kubepods/besteffort/pod{}", self.uid)
         }
+    }
+
+    /// The labels kubelet adds to the pod's sandbox and to each of its containers.
+    pub fn kubelet_labels(&self) -> [(String, String); 3] {
+        [
+            (kubelet_labels::POD_NAME.into(), self.name.clone()),
+            (kubelet_labels::POD_NAMESPACE.into(), self.namespace.clone()),
+            (kubelet_labels::POD_UID.into(), self.uid.clone()),
+        ]
     }
 
     /// The pod's cgroup directory below the cgroup root (what [`remove_cgroup_tree`]
@@ -181,7 +191,9 @@ impl Cri {
         }
     }
 
-    /// RunPodSandbox: host network, container PID namespace, kubelet-style cgroup parent.
+    /// RunPodSandbox: host network, container PID namespace, kubelet-style cgroup parent,
+    /// the pod's labels plus kubelet's own (CRI-O copies a sandbox's and a container's
+    /// labels into its annotations: that is where its `io.kubernetes.pod.*` keys come from).
     pub async fn run_pod(&mut self, spec: &PodSpec) -> Result<Pod> {
         let log_dir = self.log_root.join(&spec.uid);
         std::fs::create_dir_all(&log_dir)?;
@@ -200,7 +212,12 @@ impl Cri {
             }),
             hostname: String::new(),
             log_directory: log_dir.display().to_string(),
-            labels: spec.labels.clone(),
+            labels: spec
+                .labels
+                .clone()
+                .into_iter()
+                .chain(spec.kubelet_labels())
+                .collect(),
             annotations: spec.annotations.clone(),
             linux: Some(cri::LinuxPodSandboxConfig {
                 cgroup_parent: spec.cgroup_parent(),
@@ -241,6 +258,12 @@ impl Cri {
                 ..Default::default()
             }),
             command: spec.command.clone(),
+            labels: pod
+                .spec
+                .kubelet_labels()
+                .into_iter()
+                .chain([(kubelet_labels::CONTAINER_NAME.into(), spec.name.clone())])
+                .collect(),
             annotations: spec.annotations.clone(),
             mounts: spec
                 .mounts

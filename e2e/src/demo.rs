@@ -33,7 +33,7 @@ pub async fn run(bin_dir: &Path) -> Result<()> {
         status["enforcement_mode"].as_str().unwrap_or("?"),
         status["enforcement_reason"].as_str().unwrap_or("")
     ));
-    let mut cri = stack.containerd.cri().await?;
+    let mut cri = stack.runtime.cri().await?;
 
     say("starting pod shop/blocked (label app=blocked) whose entrypoint is /bin/sleep, a busybox applet");
     let blocked = cri

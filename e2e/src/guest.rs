@@ -1,12 +1,14 @@
 //! CRI-driven scenarios for the VM guests (`rthooks-e2e guest --results FILE`): the full
-//! stack per containerd release, one result line per scenario, in the format of
-//! `vm/README.md` (a plan line first, then `scenario, runtime, result, reason, detail,
-//! seconds, enforcement_mode, uname`).
+//! stack per CRI runtime (containerd 2.1 and 1.7; CRI-O on runc and on crun), one result
+//! line per scenario, in the format of `vm/README.md` (a plan line first, then `scenario,
+//! runtime, result, reason, detail, seconds, enforcement_mode, uname`).
 //!
-//! Scenarios share one stack per group and release: `nri_*` and `why_hooks` the NRI
+//! Scenarios share one stack per group and runtime: `nri_*` and `why_hooks` the NRI
 //! plugin's, `base_spec_*` containerd configured by `rthooks-setup install
 //! containerd-base-spec` (no NRI), `*systemd*` runc's systemd cgroup driver (skipped
-//! without systemd). "The entrypoint never ran" is proven by entrypoints that would
+//! without systemd), `hooks_d_*` CRI-O with `rthooks-setup install hooks-d`'s file (no
+//! NRI; skipped without CRI-O's binaries). A scenario is written once and runs on every
+//! stack it applies to. "The entrypoint never ran" is proven by entrypoints that would
 //! write a file into a hostPath mount; an unselected container writing its file is the
 //! control that makes an absent file mean something.
 
@@ -22,9 +24,10 @@ use serde_json::json;
 use crate::containerd::Options;
 use crate::containerd::{is_root, Release};
 use crate::cri::{ContainerSpec, Cri, HostMount, Pod, PodSpec};
+use crate::crio::OciRuntime;
 use crate::images::{BUSYBOX_IMAGE, PAUSE_IMAGE};
 use crate::k8s_cri::v1::ContainerState;
-use crate::stack::{wait_until, Binaries, HookPath, Stack};
+use crate::stack::{wait_until, Binaries, HookPath, RuntimeOptions, Stack};
 
 /// Pods labelled app=blocked may not run busybox (shared with the shell scenarios in
 /// vm/guest/scenarios/40-hook.sh); every container of this suite runs
@@ -34,8 +37,9 @@ pub const POLICY: &str = include_str!("../../vm/guest/policies/deny-busybox-bloc
 /// Pods labelled app=audited are watched, not stopped.
 pub const AUDIT_POLICY: &str = include_str!("../../vm/guest/policies/audit-busybox-audited.yaml");
 
-/// The base-spec path has no NRI plugin, so no pod labels reach the hook (without a
-/// Kubernetes API the agent only knows what the hook forwards): select by namespace.
+/// The base-spec and hooks.d paths have no NRI plugin, so no pod labels reach the hook
+/// (without a Kubernetes API the agent only knows what the hook forwards): select by
+/// namespace.
 pub const NAMESPACE_POLICY: &str = "apiVersion: rthooks.io/v1alpha1
 kind: NamespacedRuntimePolicy
 metadata:
@@ -47,8 +51,96 @@ spec:
       action: Deny
 ";
 
-/// The scenario names, in run order (each runs once per containerd release).
-pub const SCENARIOS: &[&str] = &[
+/// [`AUDIT_POLICY`] by namespace, for the paths without labels.
+pub const AUDIT_NAMESPACE_POLICY: &str = "apiVersion: rthooks.io/v1alpha1
+kind: NamespacedRuntimePolicy
+metadata:
+  name: audit-busybox-audit-ns
+  namespace: audit-ns
+spec:
+  rules:
+    - binaries: [/bin/busybox]
+      action: Audit
+";
+
+/// The namespace of the selected pods: [`POLICY`] selects them by label, and
+/// [`NAMESPACE_POLICY`] by this namespace where no labels reach the agent.
+const LOCKED: &str = "locked";
+
+/// A pod every stack's deny policy selects (by label or by namespace).
+fn blocked_pod(name: &str) -> PodSpec {
+    PodSpec::new(name, LOCKED).label("app", "blocked")
+}
+
+/// The CRI runtimes the scenarios run on, in run order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// containerd (NRI plugin, base spec, systemd driver).
+    Containerd(Release),
+    /// CRI-O with this OCI runtime (hooks.d).
+    Crio(OciRuntime),
+}
+
+impl Target {
+    /// Every runtime, in run order.
+    pub const ALL: [Target; 4] = [
+        Target::Containerd(Release::V2_1),
+        Target::Containerd(Release::V1_7),
+        Target::Crio(OciRuntime::Runc),
+        Target::Crio(OciRuntime::Crun),
+    ];
+
+    /// The matrix's runtime column.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Containerd(Release::V2_1) => "containerd-2.1",
+            Target::Containerd(Release::V1_7) => "containerd-1.7",
+            Target::Crio(OciRuntime::Runc) => "crio-runc",
+            Target::Crio(OciRuntime::Crun) => "crio-crun",
+        }
+    }
+
+    /// The scenarios that apply to it, in run order.
+    pub fn scenarios(self) -> &'static [&'static str] {
+        match self {
+            Target::Containerd(_) => CONTAINERD_SCENARIOS,
+            Target::Crio(_) => CRIO_SCENARIOS,
+        }
+    }
+}
+
+/// The (scenario, runtime) pairs `filter` chooses and `exclude` does not, in run order:
+/// each is a list of `|`-separated alternatives matched against the scenario's name and
+/// its runtime's (an empty `exclude` leaves nothing out).
+pub fn plan(filter: &str, exclude: &str) -> Vec<(&'static str, Target)> {
+    let names = |pattern: &str, s: &str, t: Target| {
+        pattern
+            .split('|')
+            .any(|f| s.contains(f) || t.name().contains(f))
+    };
+    Target::ALL
+        .iter()
+        .flat_map(|t| t.scenarios().iter().map(move |s| (*s, *t)))
+        .filter(|(s, t)| names(filter, s, *t) && (exclude.is_empty() || !names(exclude, s, *t)))
+        .collect()
+}
+
+/// The scenarios on CRI-O, in run order: through CRI-O's NRI, what shows the plugin
+/// works there (labels annotation and hook added, first instruction); through hooks.d,
+/// the containerd NRI ones that apply to a hook without labels.
+pub const CRIO_SCENARIOS: &[&str] = &[
+    "nri_identity",
+    "nri_first_instruction",
+    "hooks_d_first_instruction",
+    "hooks_d_non_matching",
+    "hooks_d_audit",
+    "hooks_d_removal",
+    "hooks_d_why_hooks",
+    "hooks_d_agent_down",
+];
+
+/// The scenario names on containerd, in run order (each runs once per release).
+pub const CONTAINERD_SCENARIOS: &[&str] = &[
     "nri_identity",
     "nri_first_instruction",
     "nri_non_matching",
@@ -79,12 +171,16 @@ enum Group {
     BaseSpec,
     /// NRI stack with runc's systemd cgroup driver.
     Systemd,
+    /// CRI-O with the hook in hooks.d, no NRI.
+    HooksD,
 }
 
-const GROUPS: [Group; 3] = [Group::Nri, Group::BaseSpec, Group::Systemd];
+const GROUPS: [Group; 4] = [Group::Nri, Group::BaseSpec, Group::Systemd, Group::HooksD];
 
 fn group_of(scenario: &str) -> Group {
-    if scenario.starts_with("base_spec_") {
+    if scenario.starts_with("hooks_d_") {
+        Group::HooksD
+    } else if scenario.starts_with("base_spec_") {
         Group::BaseSpec
     } else if scenario.contains("systemd") {
         Group::Systemd
@@ -149,13 +245,6 @@ pub fn patience() -> f64 {
 /// `n` seconds, stretched by [`patience`].
 pub fn secs(n: u64) -> Duration {
     Duration::from_secs_f64(n as f64 * patience())
-}
-
-fn runtime_name(r: Release) -> &'static str {
-    match r {
-        Release::V2_1 => "containerd-2.1",
-        Release::V1_7 => "containerd-1.7",
-    }
 }
 
 fn uname() -> String {
@@ -524,8 +613,9 @@ async fn exec_stopped(cri: &mut Cri, id: &str, dir: &Path, file: &str) -> Result
         _ if ran => bail!("the exec ran (it wrote /trace/{file}): {r:?}"),
         Err(e) => Ok(format!("exec refused ({})", e.root_cause())),
         Ok((137, _)) => Ok("exec killed (exit 137)".into()),
-        // runc exec reports the LSM's EPERM and exits 1; another failure is no proof.
-        Ok((code, out)) if code != 0 && out.contains("operation not permitted") => {
+        // runc and crun exec report the LSM's EPERM ("operation not permitted", crun
+        // capitalised) and exit 1; another failure is no proof.
+        Ok((code, out)) if code != 0 && out.to_lowercase().contains("operation not permitted") => {
             Ok(format!("exec refused (exit {code}: {})", out.trim()))
         }
         Ok((code, out)) => bail!("the exec exited {code} without writing its file: {out}"),
@@ -543,12 +633,33 @@ async fn identity(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
         )
         .await?;
     let id = cri.create_container(&pod, &sleeper("nginx")).await?;
+    // What the plugin adjusted: our createRuntime hook and the labels annotation.
+    let spec = cri.container_spec(&id).await?;
     cri.start_container(&id).await?;
     if !wait_until(secs(10), || stack.container(&id).is_some()).await {
         bail!("the agent does not list the container");
     }
+    let hooked = spec["hooks"]["createRuntime"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|h| h["path"] == stack.bins.hook.display().to_string());
+    let labels = spec["annotations"][rthooks_api::POD_LABELS_ANNOTATION]
+        .as_str()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .unwrap_or_default();
+    if !hooked || labels["app"] != "web" {
+        bail!(
+            "the plugin's adjustment is not in the spec (hook: {hooked}, labels annotation: {labels}): {}",
+            spec["hooks"]
+        );
+    }
     let c = stack.container(&id).unwrap();
-    let want_cgroup = format!("{}/{id}", pod.spec.cgroup_parent());
+    let want_cgroup = format!(
+        "{}/{}",
+        pod.spec.cgroup_parent(),
+        stack.runtime.cgroup_leaf(&id)
+    );
     let ok = c["covered"] == true
         && c["pod_name"] == "web"
         && c["pod_namespace"] == "prod"
@@ -562,16 +673,14 @@ async fn identity(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
         bail!("unexpected agent entry: {c}");
     }
     Ok(format!(
-        "covered, labels and cgroup {} known",
+        "hook and labels annotation in the spec; covered, labels and cgroup {} known",
         c["cgroup_id"]
     ))
 }
 
 async fn first_instruction(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
     trace_control(stack, cri, "fi-control").await?;
-    let pod = cri
-        .run_pod(&PodSpec::new("blocked", "prod").label("app", "blocked"))
-        .await?;
+    let pod = cri.run_pod(&blocked_pod("blocked")).await?;
     let r = prove_first_instruction(stack, cri, &pod, STARTS, "victim").await;
     cri.remove_pod(&pod).await?;
     let ev = stack
@@ -604,12 +713,15 @@ async fn audit(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
     }
     let ev = &events[0];
     let c = &ev["container"];
+    // Labels reach the agent only through our NRI plugin; the rest comes from the
+    // runtime's own annotations (containerd's or CRI-O's keys).
+    let labels_ok = !stack.hook_path.carries_labels()
+        || (c["pod_labels"]["app"] == "audited" && c["pod_labels"]["tier"] == "backend");
     let ok = ev["action"] == "audit"
         && ev["binary"] == "/bin/busybox"
         && c["pod_namespace"] == "audit-ns"
         && c["pod_name"] == "watched"
-        && c["pod_labels"]["app"] == "audited"
-        && c["pod_labels"]["tier"] == "backend"
+        && labels_ok
         && c["container_name"] == "auditee";
     if !ok {
         bail!("unexpected audit event: {ev}");
@@ -644,9 +756,7 @@ fn hook_refusal(e: &anyhow::Error) -> String {
 async fn agent_down(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
     let dir = trace_dir(stack, "down")?;
     // A selected container that keeps running; exec'ing busybox in it is denied.
-    let gpod = cri
-        .run_pod(&PodSpec::new("guarded", "prod").label("app", "blocked"))
-        .await?;
+    let gpod = cri.run_pod(&blocked_pod("guarded")).await?;
     let gid = cri.create_container(&gpod, &guard("guard", &dir)?).await?;
     cri.start_container(&gid).await?;
     if !wait_until(secs(10), || {
@@ -708,9 +818,7 @@ async fn agent_down(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
     let remembered = stack.container(&gid).is_some();
     cri.remove_pod(&gpod).await?;
     // After the restart a new selected pod is covered again.
-    let pod = cri
-        .run_pod(&PodSpec::new("blocked", "prod").label("app", "blocked"))
-        .await?;
+    let pod = cri.run_pod(&blocked_pod("blocked")).await?;
     let after = prove_first_instruction(stack, cri, &pod, 1, "after-restart").await;
     cri.remove_pod(&pod).await?;
     facts.push(format!(
@@ -721,8 +829,15 @@ async fn agent_down(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
     Ok(facts.join("; "))
 }
 
-/// What a controller watching the Kubernetes API knows of container `late-<i>`.
-fn late_identity(pod: &Pod, id: &str, i: usize) -> rthooks_api::tetragon::CreateContainer {
+/// What a controller watching the Kubernetes API knows of container `late-<i>`, whose
+/// spec has `cgroups_path` (the runtime chooses the leaf: `<id>` for containerd,
+/// `crio-<id>` for CRI-O).
+fn late_identity(
+    pod: &Pod,
+    id: &str,
+    i: usize,
+    cgroups_path: String,
+) -> rthooks_api::tetragon::CreateContainer {
     let labels: serde_json::Map<_, _> = pod
         .spec
         .labels
@@ -730,7 +845,7 @@ fn late_identity(pod: &Pod, id: &str, i: usize) -> rthooks_api::tetragon::Create
         .map(|(k, v)| (k.clone(), v.clone().into()))
         .collect();
     rthooks_api::tetragon::CreateContainer {
-        cgroups_path: format!("{}/{id}", pod.spec.cgroup_parent()),
+        cgroups_path,
         annotations: [(
             rthooks_api::POD_LABELS_ANNOTATION.to_string(),
             serde_json::Value::Object(labels).to_string(),
@@ -750,10 +865,8 @@ fn late_identity(pod: &Pod, id: &str, i: usize) -> rthooks_api::tetragon::Create
 /// API would do (CRI says running → report it through the agent's API).
 async fn why_hooks(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
     let dir = trace_dir(stack, "why-late")?;
-    stack.stop_plugin();
-    let pod = cri
-        .run_pod(&PodSpec::new("blocked", "prod").label("app", "blocked"))
-        .await?;
+    stack.disable_hooks(cri).await?;
+    let pod = cri.run_pod(&blocked_pod("blocked")).await?;
     let late = async {
         let t = Instant::now();
         let (mut ids, mut repeated) = (Vec::new(), Vec::new());
@@ -771,17 +884,23 @@ async fn why_hooks(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
                 let (id, started, r) = create_started(&mut cri, &p, &spec, start, lost).await?;
                 started?;
                 let (st, _) = cri.container_status(&id).await?;
-                Ok::<_, anyhow::Error>((i, id, st.state, r))
+                let spec = cri.container_spec(&id).await?;
+                let cgroups_path = spec["linux"]["cgroupsPath"]
+                    .as_str()
+                    .context("no linux.cgroupsPath in the container's spec")?
+                    .to_string();
+                Ok::<_, anyhow::Error>((i, id, st.state, cgroups_path, r))
             });
             // A controller reports each container as soon as CRI says it runs.
             while set.len() >= PARALLEL || (i + 1 == STARTS && !set.is_empty()) {
-                let (i, id, state, r) = set.join_next().await.expect("non-empty")??;
+                let (i, id, state, cgroups_path, r) =
+                    set.join_next().await.expect("non-empty")??;
                 repeated.extend(r);
                 if state != ContainerState::ContainerRunning as i32 {
                     bail!("without hooks a selected container is not running (state {state})");
                 }
                 stack
-                    .report_container(late_identity(&pod, &id, i), "api-watch")
+                    .report_container(late_identity(&pod, &id, i, cgroups_path), "api-watch")
                     .await?;
                 ids.push(id);
             }
@@ -807,12 +926,10 @@ async fn why_hooks(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
     }
     .await;
     cri.remove_pod(&pod).await?;
-    let restarted = stack.start_plugin().await;
+    let restarted = stack.enable_hooks(cri).await;
     let (escaped, later) = late?;
     restarted?;
-    let pod = cri
-        .run_pod(&PodSpec::new("blocked", "prod").label("app", "blocked"))
-        .await?;
+    let pod = cri.run_pod(&blocked_pod("blocked")).await?;
     let with = prove_first_instruction(stack, cri, &pod, STARTS, "why-hooked").await;
     cri.remove_pod(&pod).await?;
     let with = with.context(format!(
@@ -974,8 +1091,8 @@ async fn sync_not_covered(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
 async fn runtime_restart(stack: &mut Stack, cri: &mut Cri) -> Result<String> {
     let before = stack.registrations();
     let t = Instant::now();
-    stack.containerd.restart().await?;
-    *cri = stack.containerd.cri().await?;
+    stack.runtime.restart().await?;
+    *cri = stack.runtime.cri().await?;
     if !wait_until(secs(30), || stack.registrations() > before).await {
         bail!("the plugin did not register again after containerd restarted");
     }
@@ -1012,6 +1129,12 @@ fn step<'a>(name: &str, stack: &'a mut Stack, cri: &'a mut Cri) -> Step<'a> {
         "base_spec_first_instruction" => Box::pin(base_spec_first_instruction(stack, cri)),
         "base_spec_non_matching" => Box::pin(base_spec_non_matching(stack, cri)),
         "nri_systemd_cgroup_identity" => Box::pin(systemd_cgroup_identity(stack, cri)),
+        "hooks_d_first_instruction" => Box::pin(first_instruction(stack, cri)),
+        "hooks_d_non_matching" => Box::pin(non_matching(stack, cri)),
+        "hooks_d_audit" => Box::pin(audit(stack, cri)),
+        "hooks_d_removal" => Box::pin(removal(stack, cri)),
+        "hooks_d_why_hooks" => Box::pin(why_hooks(stack, cri)),
+        "hooks_d_agent_down" => Box::pin(agent_down(stack, cri)),
         other => {
             let other = other.to_string();
             Box::pin(async move { bail!("no such scenario: {other}") })
@@ -1019,39 +1142,37 @@ fn step<'a>(name: &str, stack: &'a mut Stack, cri: &'a mut Cri) -> Step<'a> {
     }
 }
 
-/// Runs the scenarios matching `filter` (substring) for both releases, appending to
-/// `results`. Returns whether none failed.
-pub async fn run(results: &Path, bin_dir: &Path, filter: &str, timeout: Duration) -> Result<bool> {
+/// Runs the scenarios [`plan`] chooses, appending to `results`. Returns
+/// whether none failed.
+pub async fn run(
+    results: &Path,
+    bin_dir: &Path,
+    filter: &str,
+    exclude: &str,
+    timeout: Duration,
+) -> Result<bool> {
     let out = Results {
         file: results.to_path_buf(),
     };
     // `a|b` chooses scenarios containing a or b (the shell scenarios match none of
     // such a filter, which is what a run of only these scenarios wants).
-    let chosen: Vec<&str> = SCENARIOS
+    let chosen = plan(filter, exclude);
+    let lines: Vec<_> = chosen
         .iter()
-        .copied()
-        .filter(|s| filter.split('|').any(|f| s.contains(f)))
+        .map(|(s, t)| json!({"scenario": s, "runtime": t.name()}))
         .collect();
-    let plan: Vec<_> = Release::ALL
-        .iter()
-        .flat_map(|r| {
-            chosen
-                .iter()
-                .map(move |s| json!({"scenario": s, "runtime": runtime_name(*r)}))
-        })
-        .collect();
-    out.append(json!({ "plan": plan }))?;
+    out.append(json!({ "plan": lines }))?;
     let uname = uname();
     let mut ok = true;
-    for release in Release::ALL {
+    for target in Target::ALL {
         for group in GROUPS {
             let names: Vec<&str> = chosen
                 .iter()
-                .copied()
-                .filter(|s| group_of(s) == group)
+                .filter(|(s, t)| *t == target && group_of(s) == group)
+                .map(|(s, _)| *s)
                 .collect();
             if !names.is_empty() {
-                ok &= run_group(&out, release, group, &names, bin_dir, timeout, &uname).await?;
+                ok &= run_group(&out, target, group, &names, bin_dir, timeout, &uname).await?;
             }
         }
     }
@@ -1072,13 +1193,17 @@ fn keep_logs(out: &Results, stack: &Stack, scenario: &str, runtime: &str) {
     for f in ["agent.log", "hook.log", "nri-hook.log", "events.jsonl"] {
         let _ = std::fs::copy(d.join(f), dest.join(f));
     }
-    let _ = std::fs::copy(stack.containerd.log_path(), dest.join("containerd.log"));
+    let _ = std::fs::copy(
+        stack.runtime.log_path(),
+        dest.join(format!("{}.log", stack.runtime.name())),
+    );
 }
 
-/// The stack a group needs: its policies, containerd options and hook path.
-async fn start_group(release: Release, group: Group, bins: Binaries) -> Result<Stack> {
-    match group {
-        Group::Nri => {
+/// The stack a group needs: its policies, runtime options and hook path.
+async fn start_group(target: Target, group: Group, bins: Binaries) -> Result<Stack> {
+    let containerd = |o: Options| RuntimeOptions::Containerd(o);
+    match (target, group) {
+        (Target::Containerd(release), Group::Nri) => {
             Stack::start(
                 release,
                 bins,
@@ -1086,46 +1211,113 @@ async fn start_group(release: Release, group: Group, bins: Binaries) -> Result<S
             )
             .await
         }
-        Group::BaseSpec => {
+        (Target::Containerd(release), Group::BaseSpec) => {
             Stack::start_with(
-                Options::new(release),
+                containerd(Options::new(release)),
                 HookPath::BaseSpec,
                 bins,
                 &[("deny-locked.yaml", NAMESPACE_POLICY)],
             )
             .await
         }
-        Group::Systemd => {
+        (Target::Containerd(release), Group::Systemd) => {
             let mut o = Options::new(release);
             o.systemd_cgroup = true;
-            Stack::start_with(o, HookPath::Nri, bins, &[("deny-busybox.yaml", POLICY)]).await
+            Stack::start_with(
+                containerd(o),
+                HookPath::Nri,
+                bins,
+                &[("deny-busybox.yaml", POLICY)],
+            )
+            .await
+        }
+        (Target::Crio(runtime), Group::Nri | Group::HooksD) => {
+            let crio = crate::crio::Binaries::from_env()?
+                .context("no CRI-O binaries (RTHOOKS_CRIO_DIR)")?;
+            let (path, policies): (_, &[(&str, &str)]) = if group == Group::Nri {
+                (
+                    HookPath::Nri,
+                    &[("deny-busybox.yaml", POLICY), ("audit.yaml", AUDIT_POLICY)],
+                )
+            } else {
+                (
+                    HookPath::HooksD,
+                    &[
+                        ("deny-locked.yaml", NAMESPACE_POLICY),
+                        ("audit-ns.yaml", AUDIT_NAMESPACE_POLICY),
+                    ],
+                )
+            };
+            Stack::start_with(
+                RuntimeOptions::Crio(crio, crate::crio::Options::new(runtime)),
+                path,
+                bins,
+                policies,
+            )
+            .await
+        }
+        (t, g) => bail!("no {g:?} stack on {}", t.name()),
+    }
+}
+
+/// Why a group cannot run here (a skip), or that it cannot run at all (a failure).
+fn unavailable(target: Target, group: Group) -> Option<Verdict> {
+    if !is_root() {
+        return Some(Verdict::skip("needs root"));
+    }
+    if group == Group::Systemd && !Path::new(SYSTEMD_MARKER).exists() {
+        return Some(Verdict::skip(format!(
+            "needs systemd (runc's systemd cgroup driver asks it over D-Bus to create the \
+             scopes): {SYSTEMD_MARKER} is absent, this guest has no systemd"
+        )));
+    }
+    if let Target::Crio(runtime) = target {
+        match crate::crio::Binaries::from_env() {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Some(Verdict::skip(format!(
+                    "no CRI-O: {} is not set (cargo xtask e2e/test set it from --crio-dir, \
+                     RTHOOKS_CRIO_DIR or ../shared/crio/crio-*.tar.zst beside the checkout)",
+                    crate::crio::CRIO_DIR_ENV
+                )))
+            }
+            Err(e) => return Some(Verdict::fail(format!("{e:#}"))),
+        }
+        if let Err(e) = runtime.binary() {
+            return Some(Verdict::skip(format!("{e:#}")));
+        }
+        // On the hybrid development hosts crun refuses to run, and with runc CRI-O leaves
+        // the container's cgroup v2 directory behind after RemoveContainer (so the agent
+        // keeps the container until the pod's cgroup goes). The guests are cgroup v2 only.
+        if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            return Some(Verdict::skip(
+                "CRI-O's scenarios need the unified cgroup hierarchy (crun refuses a hybrid \
+                 host; runc under CRI-O leaves the v2 directory after RemoveContainer): \
+                 /sys/fs/cgroup is not cgroup v2 here",
+            ));
         }
     }
+    None
 }
 
 /// Starts the group's stack, runs `names` on it, appends their lines; whether none failed.
 async fn run_group(
     out: &Results,
-    release: Release,
+    target: Target,
     group: Group,
     names: &[&str],
     bin_dir: &Path,
     timeout: Duration,
     uname: &str,
 ) -> Result<bool> {
-    let runtime = runtime_name(release);
-    let setup = if !is_root() {
-        Err(Verdict::skip("needs root"))
-    } else if group == Group::Systemd && !Path::new(SYSTEMD_MARKER).exists() {
-        Err(Verdict::skip(format!(
-            "needs systemd (runc's systemd cgroup driver asks it over D-Bus to create the \
-             scopes): {SYSTEMD_MARKER} is absent, this guest has no systemd"
-        )))
+    let runtime = target.name();
+    let setup = if let Some(v) = unavailable(target, group) {
+        Err(v)
     } else {
         match Binaries::in_dir(bin_dir) {
             Err(e) => Err(Verdict::skip(e.to_string())),
             Ok(bins) => {
-                match tokio::time::timeout(timeout, start_group(release, group, bins)).await {
+                match tokio::time::timeout(timeout, start_group(target, group, bins)).await {
                     Ok(Ok(s)) => Ok(s),
                     Ok(Err(e)) => Err(Verdict::fail(format!("stack did not start: {e:#}"))),
                     Err(_) => Err(Verdict::fail("stack did not start in time")),
@@ -1151,7 +1343,7 @@ async fn run_group(
         .as_str()
         .unwrap_or("")
         .to_string();
-    let mut cri = stack.containerd.cri().await?;
+    let mut cri = stack.runtime.cri().await?;
     let mut ok = true;
     for s in names {
         let t = Instant::now();
@@ -1187,9 +1379,7 @@ async fn run_group(
             if stack.agent.as_mut().is_none_or(|a| !a.running()) {
                 let _ = stack.start_agent().await;
             }
-            if group != Group::BaseSpec && stack.plugin.is_none() {
-                let _ = stack.start_plugin().await;
-            }
+            let _ = stack.enable_hooks(&mut cri).await;
         }
     }
     let _ = cri.remove_all_pods().await;
@@ -1215,6 +1405,47 @@ fn line(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_filter_chooses_by_scenario_or_by_runtime() {
+        let names = |f| {
+            plan(f, "")
+                .into_iter()
+                .map(|(s, t)| format!("{s}@{}", t.name()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            plan("", "").len(),
+            2 * CONTAINERD_SCENARIOS.len() + 2 * CRIO_SCENARIOS.len()
+        );
+        assert_eq!(
+            names("hooks_d_audit|nri_audit"),
+            [
+                "nri_audit@containerd-2.1",
+                "nri_audit@containerd-1.7",
+                "hooks_d_audit@crio-runc",
+                "hooks_d_audit@crio-crun"
+            ]
+        );
+        let crun = names("crio-crun");
+        assert_eq!(crun.len(), CRIO_SCENARIOS.len());
+        assert!(crun.iter().all(|n| n.ends_with("@crio-crun")));
+        assert_eq!(names("crio").len(), 2 * CRIO_SCENARIOS.len());
+        // What the other guest runs when the CRI-O scenarios have their own.
+        let rest = plan("", "crio");
+        assert_eq!(rest.len(), 2 * CONTAINERD_SCENARIOS.len());
+        assert!(rest.iter().all(|(_, t)| matches!(t, Target::Containerd(_))));
+        // Every planned scenario has a group whose stack its runtime can start.
+        for (s, t) in plan("", "") {
+            let g = group_of(s);
+            let crio_only = g == Group::HooksD;
+            let containerd_only = matches!(g, Group::BaseSpec | Group::Systemd);
+            match t {
+                Target::Crio(_) => assert!(!containerd_only, "{s} on {t:?}"),
+                Target::Containerd(_) => assert!(!crio_only, "{s} on {t:?}"),
+            }
+        }
+    }
 
     #[test]
     fn starts_the_runtime_lost_are_told_apart_from_refusals() {

@@ -4,12 +4,16 @@
 //! * [`debian`]: fetch and unpack Debian packages into `~/.cache/rthooks` (cached).
 //! * [`images`]: locally built `localhost/pause:1` and `localhost/busybox:1` OCI tarballs.
 //! * [`containerd`]: a private containerd (1.7.24 or 2.1.9) with NRI, in a temp dir.
+//! * [`crio`]: a private CRI-O (the binaries of `RTHOOKS_CRIO_DIR`), runc or crun, in a temp dir.
 //! * [`cri`]: a CRI v1 client doing what kubelet does (pods, containers, cleanup).
-//! * [`stack`]: containerd + `rthooks-agent` + `rthooks-nri-hook` + `rthooks-oci-hook`.
+//! * [`stack`]: containerd or CRI-O + `rthooks-agent` + `rthooks-oci-hook`, put in by
+//!   `rthooks-nri-hook`, containerd's base spec or CRI-O's hooks.d.
 //! * [`guest`]: the CRI scenarios `rthooks-e2e guest` runs in the VM guests.
 
 pub mod containerd;
 pub mod cri;
+pub mod crio;
+mod daemon;
 pub mod debian;
 pub mod demo;
 pub mod guest;

@@ -41,6 +41,10 @@ enum Cmd {
         /// Only scenarios whose name contains this (alternatives separated by `|`).
         #[arg(long, env = "RTHOOKS_SCENARIO_FILTER", default_value = "")]
         filter: String,
+        /// Leave out scenarios whose name or runtime contains this (alternatives
+        /// separated by `|`; empty: none).
+        #[arg(long, env = "RTHOOKS_SCENARIO_EXCLUDE", default_value = "")]
+        exclude: String,
         /// Per-scenario timeout in seconds.
         #[arg(long, env = "RTHOOKS_SCENARIO_TIMEOUT", default_value_t = 180)]
         timeout: u64,
@@ -70,6 +74,7 @@ fn main() -> Result<()> {
             results,
             bin_dir,
             filter,
+            exclude,
             timeout,
         } => {
             let bin_dir = bin_dir_or_own(bin_dir);
@@ -81,6 +86,7 @@ fn main() -> Result<()> {
                 &results,
                 &bin_dir,
                 &filter,
+                &exclude,
                 Duration::from_secs(timeout),
             ))?;
             if !ok {

@@ -1,7 +1,8 @@
-//! The whole rthooks node stack on a private containerd: `rthooks-agent` (own pin
-//! directory, policy directory and events file), `rthooks-nri-hook` registered with
-//! containerd's NRI, and the real `rthooks-oci-hook` injected into containers. Binaries
-//! come from a build directory (`target/debug`, or `RTHOOKS_BIN_DIR` in the VM guests).
+//! The whole rthooks node stack on a private containerd or CRI-O: `rthooks-agent` (own pin
+//! directory, policy directory and events file), and the real `rthooks-oci-hook` put into
+//! containers by `rthooks-nri-hook` registered with the runtime's NRI, by containerd's
+//! base spec, or by CRI-O's hooks.d. Binaries come from a build directory
+//! (`target/debug`, or `RTHOOKS_BIN_DIR` in the VM guests).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,6 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::containerd::{Containerd, Options, Release};
+use crate::cri::Cri;
+use crate::crio::Crio;
 
 /// How the hook gets into containers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +22,104 @@ pub enum HookPath {
     /// containerd's `base_runtime_spec` carries it, as `rthooks-setup install
     /// containerd-base-spec` sets up; NRI off, no plugin.
     BaseSpec,
+    /// CRI-O reads it from hooks.d, as `rthooks-setup install hooks-d` writes it; NRI off,
+    /// no plugin.
+    HooksD,
+}
+
+impl HookPath {
+    /// Whether the hook's request carries the pod's labels (only our NRI plugin adds them).
+    pub fn carries_labels(self) -> bool {
+        self == HookPath::Nri
+    }
+}
+
+/// The CRI runtime a stack runs on.
+pub enum Runtime {
+    /// containerd.
+    Containerd(Containerd),
+    /// CRI-O.
+    Crio(Crio),
+}
+
+/// How to prepare the runtime of a stack.
+#[derive(Clone, Debug)]
+pub enum RuntimeOptions {
+    /// containerd.
+    Containerd(Options),
+    /// CRI-O with these binaries.
+    Crio(crate::crio::Binaries, crate::crio::Options),
+}
+
+impl Runtime {
+    async fn prepare(options: RuntimeOptions, nri: bool) -> Result<Self> {
+        Ok(match options {
+            RuntimeOptions::Containerd(mut o) => {
+                o.nri = nri;
+                Runtime::Containerd(Containerd::prepare(o).await?)
+            }
+            RuntimeOptions::Crio(bins, mut o) => {
+                o.nri = nri;
+                Runtime::Crio(Crio::prepare(bins, o).await?)
+            }
+        })
+    }
+
+    async fn launch(&mut self) -> Result<()> {
+        match self {
+            Runtime::Containerd(c) => c.launch().await,
+            Runtime::Crio(c) => c.launch().await,
+        }
+    }
+
+    /// A CRI client.
+    pub async fn cri(&self) -> Result<Cri> {
+        match self {
+            Runtime::Containerd(c) => c.cri().await,
+            Runtime::Crio(c) => c.cri().await,
+        }
+    }
+
+    /// Stops and starts the runtime again with the same state (containers keep running).
+    pub async fn restart(&mut self) -> Result<()> {
+        match self {
+            Runtime::Containerd(c) => c.restart().await,
+            Runtime::Crio(c) => c.restart().await,
+        }
+    }
+
+    /// The runtime's log file.
+    pub fn log_path(&self) -> PathBuf {
+        match self {
+            Runtime::Containerd(c) => c.log_path(),
+            Runtime::Crio(c) => c.log_path(),
+        }
+    }
+
+    /// The NRI socket plugins connect to.
+    pub fn nri_socket(&self) -> PathBuf {
+        match self {
+            Runtime::Containerd(c) => c.nri_socket(),
+            Runtime::Crio(c) => c.nri_socket(),
+        }
+    }
+
+    /// The last component of a container's cgroup path with the cgroupfs driver: the id
+    /// (containerd), `crio-<id>` (CRI-O).
+    pub fn cgroup_leaf(&self, id: &str) -> String {
+        match self {
+            Runtime::Containerd(_) => id.to_string(),
+            Runtime::Crio(_) => format!("crio-{id}"),
+        }
+    }
+
+    /// `containerd` or `crio` (log file names).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Runtime::Containerd(_) => "containerd",
+            Runtime::Crio(_) => "crio",
+        }
+    }
 }
 
 /// Paths of the rthooks binaries.
@@ -85,20 +186,7 @@ impl Proc {
 
     /// Stops it (SIGTERM, SIGKILL after 10 s).
     pub fn stop(&mut self) {
-        // Our own, unreaped child: the pid cannot have been reused.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.running() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.wait();
+        crate::daemon::terminate(&mut self.child);
     }
 }
 
@@ -123,7 +211,7 @@ pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
 }
 
 /// A running stack. Dropping it stops the plugin and the agent, removes the agent's
-/// pins, then tears containerd down.
+/// pins, then tears the runtime down.
 pub struct Stack {
     /// Binaries used.
     pub bins: Binaries,
@@ -136,8 +224,13 @@ pub struct Stack {
     /// The NRI plugin, when running.
     pub plugin: Option<Proc>,
     pin_dir: PathBuf,
-    /// containerd (dropped last).
-    pub containerd: Containerd,
+    /// How the hook gets into containers.
+    pub hook_path: HookPath,
+    /// Whether the hook is in place (the plugin registered, or the hooks.d file
+    /// installed and read by the runtime).
+    hooks_on: bool,
+    /// The runtime (dropped last).
+    pub runtime: Runtime,
 }
 
 impl Stack {
@@ -148,18 +241,23 @@ impl Stack {
         bins: Binaries,
         policies: &[(&str, &str)],
     ) -> Result<Self> {
-        Self::start_with(Options::new(release), HookPath::Nri, bins, policies).await
+        Self::start_with(
+            RuntimeOptions::Containerd(Options::new(release)),
+            HookPath::Nri,
+            bins,
+            policies,
+        )
+        .await
     }
 
-    /// Like [`Stack::start`], with containerd `options` and the hook put in by `path`.
+    /// Like [`Stack::start`], with the runtime `options` and the hook put in by `path`.
     pub async fn start_with(
-        mut options: Options,
+        options: RuntimeOptions,
         path: HookPath,
         bins: Binaries,
         policies: &[(&str, &str)],
     ) -> Result<Self> {
-        options.nri = path == HookPath::Nri;
-        let containerd = Containerd::prepare(options).await?;
+        let runtime = Runtime::prepare(options, path == HookPath::Nri).await?;
         let base =
             std::env::var_os("RTHOOKS_TMP").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
         let dir = tempfile::Builder::new().prefix("rths-").tempdir_in(base)?;
@@ -180,17 +278,57 @@ impl Stack {
             agent: None,
             plugin: None,
             pin_dir,
-            containerd,
+            hook_path: path,
+            hooks_on: false,
+            runtime,
         };
-        if path == HookPath::BaseSpec {
-            stack.install_base_spec()?;
+        match path {
+            HookPath::BaseSpec => stack.install_base_spec()?,
+            HookPath::HooksD => stack.install_hooks_d()?,
+            HookPath::Nri => {}
         }
-        stack.containerd.launch().await?;
+        stack.runtime.launch().await?;
         stack.start_agent().await?;
         if path == HookPath::Nri {
             stack.start_plugin().await?;
         }
+        stack.hooks_on = true;
         Ok(stack)
+    }
+
+    /// Takes the hook away from new containers: the NRI plugin stops, or the hooks.d file
+    /// is uninstalled and CRI-O restarted to forget it (its file watch is asynchronous).
+    /// `cri` is reconnected when the runtime restarts.
+    pub async fn disable_hooks(&mut self, cri: &mut Cri) -> Result<()> {
+        match self.hook_path {
+            HookPath::Nri => self.stop_plugin(),
+            HookPath::HooksD => {
+                self.setup_hooks_d("uninstall")?;
+                self.runtime.restart().await?;
+                *cri = self.runtime.cri().await?;
+            }
+            HookPath::BaseSpec => {
+                bail!("the base spec cannot be taken away from a running containerd")
+            }
+        }
+        self.hooks_on = false;
+        Ok(())
+    }
+
+    /// Puts the hook back for new containers after [`Stack::disable_hooks`] (or after a
+    /// scenario stopped the plugin); nothing when it is in place.
+    pub async fn enable_hooks(&mut self, cri: &mut Cri) -> Result<()> {
+        match self.hook_path {
+            HookPath::Nri if self.plugin.is_none() => self.start_plugin().await?,
+            HookPath::HooksD if !self.hooks_on => {
+                self.install_hooks_d()?;
+                self.runtime.restart().await?;
+                *cri = self.runtime.cri().await?;
+            }
+            _ => {}
+        }
+        self.hooks_on = true;
+        Ok(())
     }
 
     /// The hook's arguments after the stage: our agent, a log in the scratch dir, and the
@@ -213,6 +351,9 @@ impl Stack {
     /// the prepared, not yet running containerd's config: the spec comes from that
     /// release's `ctr oci spec`, the hook is copied into the scratch dir.
     fn install_base_spec(&self) -> Result<()> {
+        let Runtime::Containerd(containerd) = &self.runtime else {
+            bail!("containerd's base spec needs containerd");
+        };
         let d = self.dir.path();
         let mut cmd = Command::new(&self.bins.setup);
         cmd.args(["install", "containerd-base-spec", "--install-dir"])
@@ -222,17 +363,47 @@ impl Stack {
             .arg("--state-dir")
             .arg(d.join("install-state"))
             .arg("--containerd-config")
-            .arg(self.containerd.config_path())
+            .arg(containerd.config_path())
             .arg("--base-spec")
             .arg(self.base_spec_path())
             .arg("--ctr")
-            .arg(&self.containerd.bins.ctr)
+            .arg(&containerd.bins.ctr)
             .arg("--hook-timeout")
             .arg(crate::guest::secs(5).as_secs().to_string());
         for f in self.hook_flags() {
             cmd.arg(format!("--hook-arg={f}"));
         }
         crate::debian::run(&mut cmd).context("install containerd-base-spec")
+    }
+
+    fn install_hooks_d(&self) -> Result<()> {
+        self.setup_hooks_d("install")
+    }
+
+    /// The real installer, `rthooks-setup install|uninstall hooks-d`, on CRI-O's hooks
+    /// directory; the hook is copied into the scratch dir.
+    fn setup_hooks_d(&self, action: &str) -> Result<()> {
+        let Runtime::Crio(crio) = &self.runtime else {
+            bail!("hooks.d needs CRI-O");
+        };
+        let d = self.dir.path();
+        let mut cmd = Command::new(&self.bins.setup);
+        cmd.args([action, "hooks-d", "--hooks-dir"])
+            .arg(crio.hooks_dir())
+            .arg("--install-dir")
+            .arg(d.join("opt"))
+            .arg("--state-dir")
+            .arg(d.join("install-state"));
+        if action == "install" {
+            cmd.arg("--binary")
+                .arg(&self.bins.hook)
+                .arg("--hook-timeout")
+                .arg(crate::guest::secs(5).as_secs().to_string());
+            for f in self.hook_flags() {
+                cmd.arg(format!("--hook-arg={f}"));
+            }
+        }
+        crate::debian::run(&mut cmd).with_context(|| format!("rthooks-setup {action} hooks-d"))
     }
 
     /// The events file the agent writes (JSON lines).
@@ -283,7 +454,7 @@ impl Stack {
         let proc = Proc::spawn(
             Command::new(&self.bins.nri)
                 .arg("--socket")
-                .arg(self.containerd.nri_socket())
+                .arg(self.runtime.nri_socket())
                 .arg("--hook-path")
                 .arg(&self.bins.hook)
                 .arg("--hook-args")

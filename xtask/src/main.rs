@@ -37,6 +37,10 @@ enum Command {
         /// Skip the VM suite (faster local runs; CI runs it).
         #[arg(long)]
         no_e2e: bool,
+        /// CRI-O's binaries for the guest's CRI-O scenarios (see `cargo xtask e2e --help`;
+        /// default: `../shared/crio/crio-*.tar.zst` beside the checkout).
+        #[arg(long, value_name = "DIR", env = "RTHOOKS_CRIO_DIR")]
+        crio_dir: Option<std::path::PathBuf>,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -103,7 +107,11 @@ fn main() -> Result<()> {
         Command::Setup => apiserver::ensure(),
         Command::Build => build_release(),
         Command::Codegen => codegen::codegen(),
-        Command::Test { no_e2e, args } => test(&args, !no_e2e),
+        Command::Test {
+            no_e2e,
+            crio_dir,
+            args,
+        } => test(&args, !no_e2e, crio_dir),
         Command::RunAgent { args } => run::run_agent(&args),
         Command::BenchHook(args) => hookbench::bench_hook(&args),
         Command::HookVariants(args) => hook_variants::run(&args),
@@ -118,7 +126,7 @@ fn main() -> Result<()> {
 
 /// Commands run on the workspace's default members: `--workspace` would also build the
 /// eBPF crate for the host, which cannot work (it is built by agent/build.rs instead).
-fn test(extra: &[String], e2e: bool) -> Result<()> {
+fn test(extra: &[String], e2e: bool, crio_dir: Option<std::path::PathBuf>) -> Result<()> {
     // The tests that speak to a Kubernetes API server start this one.
     apiserver::ensure()?;
     std::env::set_var(apiserver::BIN_DIR_ENV, apiserver::bin_dir());
@@ -141,9 +149,12 @@ fn test(extra: &[String], e2e: bool) -> Result<()> {
             scenario: None,
             no_build: false,
             bin_dir: None,
-            crio_dir: None,
+            crio_dir,
+            // The CRI-O scenarios in a second guest beside the rest: both cores, and CI's
+            // wall time stays that of the longer guest.
+            crio_guest: true,
             runner: vm::RunnerKind::Qemu,
-            jobs: 1,
+            jobs: 2,
             update_readme: false,
             command: None,
         })

@@ -5,6 +5,7 @@
 //! package files, `kernels/<package>/` unpacked kernels with their `initramfs.cpio.gz`,
 //! `userland/<name>/` unpacked guest userland. Guests see all of it, and the workspace,
 //! at the same paths through the read-only host root share.
+pub mod crio;
 pub mod fetch;
 pub mod initramfs;
 pub mod kernels;
@@ -52,8 +53,9 @@ impl Select {
 /// Seconds a guest may run: the whole 6.12 suite takes ~15–25 min under TCG on a busy
 /// 2-core host (each enforcement scenario starts 20 containers per runtime path).
 pub const DEFAULT_GUEST_TIMEOUT: u64 = 2700;
-/// Seconds one scenario may run: 20 podman starts take ~3 min on a busy host.
-pub const DEFAULT_SCENARIO_TIMEOUT: u64 = 420;
+/// Seconds one scenario may run: 20 podman starts take ~3 min on a busy host; CRI-O's
+/// why_hooks (40 starts, two CRI-O restarts) took 5.3 min on 6.12 with the host at load 5.
+pub const DEFAULT_SCENARIO_TIMEOUT: u64 = 600;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct E2eArgs {
@@ -65,7 +67,8 @@ pub struct E2eArgs {
     /// Seconds one scenario may run inside the guest.
     #[arg(long, default_value_t = DEFAULT_SCENARIO_TIMEOUT)]
     pub scenario_timeout: u64,
-    /// Run only scenarios whose name contains this.
+    /// Run only scenarios whose name contains this (the e2e crate's CRI scenarios also
+    /// by their runtime, e.g. `crio` or `crio-crun`; alternatives separated by `|`).
     #[arg(long)]
     pub scenario: Option<String>,
     /// Use the binaries already built.
@@ -75,15 +78,21 @@ pub struct E2eArgs {
     /// directory's `debug/`).
     #[arg(long, value_name = "DIR")]
     pub bin_dir: Option<PathBuf>,
-    /// CRI-O's binaries (`crio`, `pinns`, `conmon`) for the CRI-O column; without it
-    /// that column is skipped and says why.
-    #[arg(long, value_name = "DIR")]
+    /// CRI-O's binaries (`crio`, `pinns`, `conmon`) for the CRI-O scenarios, anywhere on
+    /// this host. Default: the newest `../shared/crio/crio-*.tar.zst` beside the checkout,
+    /// unpacked once into the cache; without either the CRI-O scenarios skip and say why.
+    #[arg(long, value_name = "DIR", env = "RTHOOKS_CRIO_DIR")]
     pub crio_dir: Option<PathBuf>,
     /// What boots the guests: `qemu` (our initramfs and init) or `vng` (virtme-ng, pinned,
     /// installed from PyPI into the cache on first use; `$RTHOOKS_VNG` names another).
     /// Both run the same suite and write the same matrix.
     #[arg(long, value_enum, default_value_t = RunnerKind::Qemu)]
     pub runner: RunnerKind,
+    /// Run each kernel's CRI-O scenarios in a second guest of that kernel, booted beside
+    /// the one that runs the rest (both count towards --jobs; their results go into the
+    /// same matrix column). Without CRI-O there is one guest per kernel.
+    #[arg(long, conflicts_with = "scenario")]
+    pub crio_guest: bool,
     /// Guests booted at once. Each TCG guest keeps one host core busy, so more than the
     /// host's cores only makes each slower (and its waits likelier to run out).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
@@ -258,6 +267,18 @@ pub fn userland_dir(name: &str) -> PathBuf {
 
 /// `cargo xtask e2e`.
 pub fn e2e(args: &E2eArgs) -> Result<()> {
+    let crio_dir = crio::resolve(args.crio_dir.as_deref())?;
+    match &crio_dir {
+        Some(d) => eprintln!("e2e: CRI-O from {}", d.display()),
+        None => eprintln!(
+            "e2e: the CRI-O scenarios will skip: {}",
+            crio::missing_reason()
+        ),
+    }
+    let args = &E2eArgs {
+        crio_dir,
+        ..args.clone()
+    };
     let config = config()?;
     let kernels = args.select.kernels(&config)?;
     if !args.no_build {
@@ -293,8 +314,20 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
         // Installed once here, not by each guest thread at the same time.
         vng::ensure()?;
     }
-    let runs = in_parallel(&prepared, args.jobs, |p| {
-        run_kernel(p, args, accel, &qemu_bin, &out_dir)
+    let split = args.crio_guest && args.crio_dir.is_some();
+    let guests: Vec<(&Prepared, Part)> = prepared
+        .iter()
+        .flat_map(|p| {
+            let parts: &[Part] = if split {
+                &[Part::AllButCrio, Part::Crio]
+            } else {
+                &[Part::All]
+            };
+            parts.iter().map(move |part| (p, *part))
+        })
+        .collect();
+    let runs = in_parallel(&guests, args.jobs, |(p, part)| {
+        run_kernel(p, *part, args, accel, &qemu_bin, &out_dir)
     });
     for run in runs {
         let (r, line, _) = run?;
@@ -376,18 +409,44 @@ fn in_parallel<T: Sync, R: Send>(items: &[T], jobs: u32, f: impl Fn(&T) -> R + S
         .collect()
 }
 
+/// Which scenarios one guest of a kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// Every scenario (or those --scenario chooses).
+    All,
+    /// Every scenario but the CRI-O ones.
+    AllButCrio,
+    /// The CRI-O ones.
+    Crio,
+}
+
+impl Part {
+    /// The guest's results directory below the output directory.
+    fn results_dir(self, kernel: &str) -> String {
+        match self {
+            Part::Crio => format!("{kernel}-crio"),
+            Part::All | Part::AllButCrio => kernel.to_string(),
+        }
+    }
+}
+
+/// What chooses the CRI-O scenarios (their runtimes are `crio-runc`, `crio-crun`).
+const CRIO_SCENARIOS: &str = "crio";
+
 fn run_kernel(
     p: &Prepared,
+    part: Part,
     args: &E2eArgs,
     accel: qemu::Accel,
     qemu_bin: &Path,
     out_dir: &Path,
 ) -> Result<(Vec<matrix::Row>, String, bool)> {
     let name = &p.kernel.name;
-    let results = out_dir.join(name);
+    let guest = part.results_dir(name);
+    let results = out_dir.join(&guest);
     let _ = std::fs::remove_dir_all(&results);
     std::fs::create_dir_all(&results)?;
-    std::fs::write(results.join("job"), job_script(name, args, accel))?;
+    std::fs::write(results.join("job"), job_script(name, part, args, accel))?;
     let runner = match args.runner {
         RunnerKind::Qemu => qemu::Runner::Qemu,
         RunnerKind::Vng => qemu::Runner::Vng {
@@ -439,14 +498,14 @@ fn run_kernel(
         accel.name(),
         args.runner
     );
-    let prefix = format!("[{name}] ");
+    let prefix = format!("[{guest}] ");
     let result = boot.run(|line| eprintln!("{prefix}{line}"))?;
     let problem = match &result.outcome {
         qemu::Outcome::Done { .. } => None,
         _ => Some(result.describe()),
     };
     if let Some(problem) = &problem {
-        eprintln!("e2e: {name}: {problem}; last console lines:");
+        eprintln!("e2e: {guest}: {problem}; last console lines:");
         for l in result.tail.iter().rev().take(15).rev() {
             eprintln!("{prefix}| {l}");
         }
@@ -454,7 +513,7 @@ fn run_kernel(
     let text = std::fs::read_to_string(results.join("results.jsonl")).unwrap_or_default();
     let rows = matrix::parse_results(name, &text, problem.as_deref());
     let line = format!(
-        "{name}: {} — {} in {:.1} s (console: {})",
+        "{guest}: {} — {} in {:.1} s (console: {})",
         p.tree.release,
         result.describe(),
         result.seconds,
@@ -481,6 +540,7 @@ pub fn demo() -> Result<()> {
         no_build: false,
         bin_dir: None,
         crio_dir: None,
+        crio_guest: false,
         runner: RunnerKind::Qemu,
         jobs: 1,
         update_readme: false,
@@ -506,7 +566,7 @@ pub fn demo() -> Result<()> {
     let accel = qemu::choose_accel(&qemu_bin, &prepared[0].tree.vmlinuz, &prepared[0].initramfs);
     let out_dir = target_dir().join("demo");
     std::fs::create_dir_all(&out_dir)?;
-    let (_, line, ok) = run_kernel(&prepared[0], &args, accel, &qemu_bin, &out_dir)?;
+    let (_, line, ok) = run_kernel(&prepared[0], Part::All, &args, accel, &qemu_bin, &out_dir)?;
     if !ok {
         anyhow::bail!("the demo did not complete: {line}");
     }
@@ -551,7 +611,12 @@ pub(crate) fn sh_quote(s: &str) -> String {
 }
 
 /// The script the guest init runs (after `switch_root` into the host root), from the results share.
-fn job_script(kernel: &str, args: &E2eArgs, accel: qemu::Accel) -> String {
+fn job_script(kernel: &str, part: Part, args: &E2eArgs, accel: qemu::Accel) -> String {
+    let (filter, exclude) = match part {
+        Part::All => (args.scenario.clone().unwrap_or_default(), String::new()),
+        Part::AllButCrio => (String::new(), CRIO_SCENARIOS.to_string()),
+        Part::Crio => (CRIO_SCENARIOS.to_string(), String::new()),
+    };
     let ws = workspace_root();
     let vars = [
         ("RTHOOKS_KERNEL", kernel.to_string()),
@@ -570,10 +635,8 @@ fn job_script(kernel: &str, args: &E2eArgs, accel: qemu::Accel) -> String {
             "RTHOOKS_USERLAND",
             cache_dir().join("userland").display().to_string(),
         ),
-        (
-            "RTHOOKS_SCENARIO_FILTER",
-            args.scenario.clone().unwrap_or_default(),
-        ),
+        ("RTHOOKS_SCENARIO_FILTER", filter),
+        ("RTHOOKS_SCENARIO_EXCLUDE", exclude),
         (
             "RTHOOKS_SCENARIO_TIMEOUT",
             args.scenario_timeout.to_string(),
@@ -635,23 +698,32 @@ mod tests {
             no_build: true,
             bin_dir: Some("/b".into()),
             crio_dir: None,
+            crio_guest: false,
             runner: RunnerKind::Qemu,
             jobs: 1,
             update_readme: false,
             command: None,
         };
-        let s = job_script("6.12", &args, qemu::Accel::Tcg);
+        let s = job_script("6.12", Part::All, &args, qemu::Accel::Tcg);
         assert!(s.contains("export RTHOOKS_KERNEL='6.12'\n"));
         assert!(s.contains("export RTHOOKS_SCENARIO_FILTER='it'\\''s'\n"));
         assert!(s.contains("export RTHOOKS_SCENARIO_TIMEOUT='7'\n"));
         assert!(s.contains("export RTHOOKS_BIN_DIR='/b'\n"));
         assert!(s.contains("export RTHOOKS_VM_ACCEL='tcg'\n"));
+        assert!(s.contains("export RTHOOKS_SCENARIO_EXCLUDE=''\n"));
+        // The CRI-O guest and the other one split the scenarios between them.
+        let crio = job_script("6.12", Part::Crio, &args, qemu::Accel::Tcg);
+        assert!(crio.contains("export RTHOOKS_SCENARIO_FILTER='crio'\n"));
+        let rest = job_script("6.12", Part::AllButCrio, &args, qemu::Accel::Tcg);
+        assert!(rest.contains("export RTHOOKS_SCENARIO_FILTER=''\n"));
+        assert!(rest.contains("export RTHOOKS_SCENARIO_EXCLUDE='crio'\n"));
+        assert_eq!(Part::Crio.results_dir("6.12"), "6.12-crio");
         assert!(s.lines().last().unwrap().starts_with("exec /bin/bash '"));
         let demo = E2eArgs {
             command: Some("/b/rthooks-e2e demo".into()),
             ..args
         };
-        let s = job_script("6.12", &demo, qemu::Accel::Tcg);
+        let s = job_script("6.12", Part::All, &demo, qemu::Accel::Tcg);
         assert_eq!(s.lines().last().unwrap(), "exec /b/rthooks-e2e demo");
     }
 
