@@ -165,10 +165,7 @@ fn create_runtime(
             None | Some("") => Err(Error::NoCgroupsPath),
             Some(p) => CgroupsPath::parse(p)
                 .map(|p| p.dir())
-                .map_err(|e| Error::CgroupsPath {
-                    path: e.path,
-                    reason: e.reason.to_string(),
-                }),
+                .map_err(Error::CgroupsPath),
         });
     let cg: Option<&CgroupPath> = resolved.as_ref().and_then(|r| r.as_ref().ok());
     let identity = ContainerIdentity {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use regex::Regex;
 
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{CelError, Error, Result};
 
 /// What the failure rule decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,11 +54,11 @@ pub fn compile_cel(expr: &str) -> Result<cel::Program> {
         Ok(Ok(p)) => Ok(p),
         Ok(Err(e)) => Err(Error::Cel {
             expr: expr.to_owned(),
-            reason: e.to_string().replace('\n', " "),
+            source: e.into(),
         }),
         Err(_) => Err(Error::Cel {
             expr: expr.to_owned(),
-            reason: "the CEL parser crashed".into(),
+            source: CelError::ParserCrashed,
         }),
     }
 }
@@ -102,7 +102,7 @@ impl FailurePolicy {
                 Err(e) => {
                     errors.push(Error::Regex {
                         regex: r.clone(),
-                        reason: e.to_string().replace('\n', " "),
+                        source: e,
                     });
                     None
                 }

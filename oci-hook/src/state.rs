@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, JsonError, Result};
 
 /// Cap on the state JSON: it holds the spec's annotations, which kubelet limits to 256 KiB.
 pub const MAX_STATE_BYTES: u64 = 1 << 20;
@@ -55,9 +55,9 @@ pub fn parse_state(buf: &[u8]) -> Result<Option<HookState>> {
     if buf.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(None);
     }
-    let v: Value = serde_json::from_slice(buf).map_err(|e| Error::StateJson(e.to_string()))?;
+    let v: Value = serde_json::from_slice(buf).map_err(|e| Error::StateJson(e.into()))?;
     let Value::Object(m) = v else {
-        return Err(Error::StateJson("not a JSON object".into()));
+        return Err(Error::StateJson(JsonError::NotAnObject));
     };
     let s = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_owned);
     Ok(Some(HookState {
@@ -101,13 +101,13 @@ pub struct SpecView {
 /// Parses `config.json` bytes with oci-spec; when oci-spec rejects the document (for
 /// instance a capability name newer than the crate), falls back to reading only the fields
 /// the hook uses, so a runtime upgrade does not turn into refused containers.
-pub fn parse_spec(bytes: &[u8]) -> std::result::Result<(SpecView, Option<String>), String> {
+pub fn parse_spec(bytes: &[u8]) -> std::result::Result<(SpecView, Option<String>), JsonError> {
     match serde_json::from_slice::<oci_spec::runtime::Spec>(bytes) {
         Ok(spec) => Ok((view_from_oci(&spec), None)),
         Err(strict) => {
-            let v: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+            let v: Value = serde_json::from_slice(bytes)?;
             if !v.is_object() {
-                return Err("not a JSON object".into());
+                return Err(JsonError::NotAnObject);
             }
             Ok((view_from_value(&v), Some(strict.to_string())))
         }
@@ -272,9 +272,9 @@ pub fn load_bundle(state: Option<&HookState>, cwd: Option<&Path>) -> Result<Bund
         }
         r => r?,
     };
-    let (spec, strict_parse_error) = parse_spec(&bytes).map_err(|reason| Error::SpecJson {
+    let (spec, strict_parse_error) = parse_spec(&bytes).map_err(|source| Error::SpecJson {
         path: config_path.clone(),
-        reason,
+        source,
     })?;
     let root_dir = if rootfs_is_cwd {
         bundle_dir
