@@ -279,11 +279,27 @@ pub(crate) fn sleeper(name: &str) -> ContainerSpec {
     }
 }
 
-/// A fresh directory in the stack's scratch dir, mounted into containers at `/trace`.
+/// A fresh directory in the stack's scratch dir, mounted into containers at `/trace`, and
+/// beside it `<dir>.hold/fifo`, the FIFO a [`tracer`] blocks on (see there).
 fn trace_dir(stack: &Stack, tag: &str) -> Result<PathBuf> {
     let d = stack.dir.path().join(format!("trace-{tag}"));
     std::fs::create_dir_all(&d)?;
+    let hold = hold_dir(&d);
+    std::fs::create_dir_all(&hold)?;
+    match nix::unistd::mkfifo(
+        &hold.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    ) {
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+        Err(e) => return Err(e).context("mkfifo for the tracers' hold"),
+    }
     Ok(d)
+}
+
+fn hold_dir(trace_dir: &Path) -> PathBuf {
+    let mut hold = trace_dir.as_os_str().to_owned();
+    hold.push(".hold");
+    hold.into()
 }
 
 /// Files in a trace directory: one per entrypoint that ran.
@@ -292,8 +308,14 @@ fn traces(dir: &Path) -> usize {
 }
 
 /// A container whose entrypoint (`/bin/sh`, i.e. busybox) first writes `/trace/<name>`
-/// into the hostPath mount `dir`, then sleeps: the file exists if and only if the
+/// into the hostPath mount `dir`, then waits: the file exists if and only if the
 /// entrypoint ran.
+///
+/// It waits in the shell itself, opening a FIFO no one ever writes (`/hold/fifo`, from
+/// [`trace_dir`]), not with `exec sleep`: that would be a second exec of busybox, and a
+/// container registered after its start (why_hooks, nri_sync_not_covered) would then be
+/// killed or refused at it whenever the registration wins the race against the shell,
+/// leaving no running container to list or to exec into.
 fn tracer(name: &str, dir: &Path) -> ContainerSpec {
     ContainerSpec {
         name: name.into(),
@@ -301,13 +323,20 @@ fn tracer(name: &str, dir: &Path) -> ContainerSpec {
         command: vec![
             "/bin/sh".into(),
             "-c".into(),
-            format!("echo ran > /trace/{name}; exec sleep 600"),
+            format!("echo ran > /trace/{name}; read _ < /hold/fifo"),
         ],
-        mounts: vec![HostMount {
-            host_path: dir.to_path_buf(),
-            container_path: "/trace".into(),
-            readonly: false,
-        }],
+        mounts: vec![
+            HostMount {
+                host_path: dir.to_path_buf(),
+                container_path: "/trace".into(),
+                readonly: false,
+            },
+            HostMount {
+                host_path: hold_dir(dir),
+                container_path: "/hold".into(),
+                readonly: true,
+            },
+        ],
         ..Default::default()
     }
 }
