@@ -289,7 +289,7 @@ impl Containerd {
             // NRI fails open: a plugin that answers CreateContainer late is dropped and the
             // container is created without its adjustment (no hook). 2 s on a node; a TCG
             // guest is an order of magnitude slower, so the deadline stretches like ours.
-            request_timeout = crate::guest::secs(2).as_secs()
+            request_timeout = crate::timing::secs(2).as_secs()
         );
         let common = format!(
             r#"root = "{d}/root"
@@ -382,7 +382,7 @@ state = "{d}/state"
 
     async fn wait_up(&mut self) -> Result<()> {
         // Stretched in VM guests: containerd 1.7 on 5.10 under TCG needs 20–30 s to start.
-        let deadline = Instant::now() + crate::guest::secs(30);
+        let deadline = Instant::now() + crate::timing::secs(30);
         let (socket, log) = (self.socket(), self.log_path());
         crate::daemon::wait_for_socket(&mut self.child, &socket, deadline, &log)
             .await

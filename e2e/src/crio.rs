@@ -287,7 +287,7 @@ nri_plugin_request_timeout = "{request_timeout}s"
             pause = images::PAUSE_IMAGE,
             nri = self.options.nri,
             // As for containerd: NRI fails open on a late answer, and TCG is slow.
-            request_timeout = crate::guest::secs(2).as_secs(),
+            request_timeout = crate::timing::secs(2).as_secs(),
         )
     }
 
@@ -347,7 +347,7 @@ nri_plugin_request_timeout = "{request_timeout}s"
     }
 
     async fn wait_up(&mut self) -> Result<()> {
-        let deadline = Instant::now() + crate::guest::secs(30);
+        let deadline = Instant::now() + crate::timing::secs(30);
         let (socket, log) = (self.socket(), self.log_path());
         crate::daemon::wait_for_socket(&mut self.child, &socket, deadline, &log)
             .await

@@ -10,9 +10,10 @@ use anyhow::{bail, Result};
 
 use crate::containerd::Release;
 use crate::cri::PodSpec;
-use crate::guest::{secs, sleeper, POLICY};
 use crate::k8s_cri::v1::ContainerState;
-use crate::stack::{wait_until, Binaries, Stack};
+use crate::scenarios::{sleeper, POLICY};
+use crate::stack::{Binaries, Stack};
+use crate::timing::{secs, wait_until};
 
 fn say(s: &str) {
     println!("demo: {s}");

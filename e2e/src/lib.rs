@@ -8,7 +8,9 @@
 //! * [`cri`]: a CRI v1 client doing what kubelet does (pods, containers, cleanup).
 //! * [`stack`]: containerd or CRI-O + `rthooks-agent` + `rthooks-oci-hook`, put in by
 //!   `rthooks-nri-hook`, containerd's base spec or CRI-O's hooks.d.
-//! * [`guest`]: the CRI scenarios `rthooks-e2e guest` runs in the VM guests.
+//! * [`scenarios`]: the scenarios `rthooks-e2e guest` runs in the VM guests (runner,
+//!   runtimes, the first-instruction proof, the results writer, the scenarios by topic).
+//! * [`timing`]: waits, stretched for slow guests.
 
 pub mod containerd;
 pub mod cri;
@@ -16,9 +18,10 @@ pub mod crio;
 mod daemon;
 pub mod debian;
 pub mod demo;
-pub mod guest;
 pub mod images;
+pub mod scenarios;
 pub mod stack;
+pub mod timing;
 
 /// The CRI v1 types, re-exported for tests.
 pub use k8s_cri;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use rthooks_e2e::containerd::{binaries, Release};
-use rthooks_e2e::{guest, images};
+use rthooks_e2e::{images, scenarios};
 
 #[derive(Parser)]
 #[command(name = "rthooks-e2e", about = "rthooks end-to-end scenarios")]
@@ -82,7 +82,7 @@ fn main() -> Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            let ok = rt.block_on(guest::run(
+            let ok = rt.block_on(scenarios::run(
                 &results,
                 &bin_dir,
                 &filter,

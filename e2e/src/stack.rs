@@ -6,13 +6,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
 use crate::containerd::{Containerd, Options, Release};
 use crate::cri::Cri;
 use crate::crio::Crio;
+use crate::timing::wait_until;
 
 /// How the hook gets into containers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,20 +197,6 @@ impl Drop for Proc {
     }
 }
 
-/// Polls `f` every 50 ms until it holds or `timeout` passes.
-pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A running stack. Dropping it stops the plugin and the agent, removes the agent's
 /// pins, then tears the runtime down.
 pub struct Stack {
@@ -338,7 +325,7 @@ impl Stack {
         [
             format!("--grpc-address={}", self.address),
             format!("--log-fname={}", self.dir.path().join("hook.log").display()),
-            format!("--grpc-timeout={}s", crate::guest::secs(2).as_secs()),
+            format!("--grpc-timeout={}s", crate::timing::secs(2).as_secs()),
         ]
     }
 
@@ -369,7 +356,7 @@ impl Stack {
             .arg("--ctr")
             .arg(&containerd.bins.ctr)
             .arg("--hook-timeout")
-            .arg(crate::guest::secs(5).as_secs().to_string());
+            .arg(crate::timing::secs(5).as_secs().to_string());
         for f in self.hook_flags() {
             cmd.arg(format!("--hook-arg={f}"));
         }
@@ -398,7 +385,7 @@ impl Stack {
             cmd.arg("--binary")
                 .arg(&self.bins.hook)
                 .arg("--hook-timeout")
-                .arg(crate::guest::secs(5).as_secs().to_string());
+                .arg(crate::timing::secs(5).as_secs().to_string());
             for f in self.hook_flags() {
                 cmd.arg(format!("--hook-arg={f}"));
             }
@@ -460,7 +447,7 @@ impl Stack {
                 .arg("--hook-args")
                 .arg(hook_args)
                 .arg("--hook-timeout")
-                .arg(crate::guest::secs(5).as_secs().to_string())
+                .arg(crate::timing::secs(5).as_secs().to_string())
                 .arg("--agent-address")
                 .arg(&self.address),
             d.join("nri-hook.log"),

@@ -12,7 +12,7 @@ async fn guest_scenarios_on_this_host() {
     let bin_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
     let dir = tempfile::tempdir().unwrap();
     let results = dir.path().join("results.jsonl");
-    let ok = rthooks_e2e::guest::run(&results, &bin_dir, "", "", Duration::from_secs(120))
+    let ok = rthooks_e2e::scenarios::run(&results, &bin_dir, "", "", Duration::from_secs(120))
         .await
         .unwrap();
     let text = std::fs::read_to_string(&results).unwrap();
@@ -22,7 +22,7 @@ async fn guest_scenarios_on_this_host() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let planned = lines[0]["plan"].as_array().unwrap().len();
-    assert_eq!(planned, rthooks_e2e::guest::plan("", "").len());
+    assert_eq!(planned, rthooks_e2e::scenarios::plan("", "").len());
     assert_eq!(lines.len(), planned + 1, "one result per planned scenario");
     assert!(ok, "a scenario failed:\n{text}");
 }

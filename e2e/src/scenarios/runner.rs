@@ -1,0 +1,387 @@
+//! The scenario table and its running: which (scenario, runtime) pairs a filter picks,
+//! the stack each group of scenarios shares, the per-scenario timeout, and the result
+//! line each one leaves.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use super::first_instruction::{base_spec_first_instruction, first_instruction, why_hooks};
+use super::identity::{audit, identity, systemd_cgroup_identity};
+use super::lifecycle::{agent_down, removal, runtime_restart, sync_not_covered};
+use super::non_matching::{base_spec_non_matching, non_matching};
+use super::results::{line, uname, Results, Verdict};
+use super::targets::Target;
+use super::workloads::{AUDIT_NAMESPACE_POLICY, AUDIT_POLICY, NAMESPACE_POLICY, POLICY};
+use crate::containerd::{is_root, Options};
+use crate::cri::Cri;
+use crate::stack::{Binaries, HookPath, RuntimeOptions, Stack};
+
+/// The (scenario, runtime) pairs `filter` chooses and `exclude` does not, in run order:
+/// each is a list of `|`-separated alternatives matched against the scenario's name and
+/// its runtime's (an empty `exclude` leaves nothing out).
+pub fn plan(filter: &str, exclude: &str) -> Vec<(&'static str, Target)> {
+    let names = |pattern: &str, s: &str, t: Target| {
+        pattern
+            .split('|')
+            .any(|f| s.contains(f) || t.name().contains(f))
+    };
+    Target::ALL
+        .iter()
+        .flat_map(|t| t.scenarios().iter().map(move |s| (*s, *t)))
+        .filter(|(s, t)| names(filter, s, *t) && (exclude.is_empty() || !names(exclude, s, *t)))
+        .collect()
+}
+
+/// Which stack a scenario needs (scenarios of one group share one stack per release).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Group {
+    /// NRI plugin + hook + agent, cgroupfs driver.
+    Nri,
+    /// The hook in containerd's base runtime spec, no NRI.
+    BaseSpec,
+    /// NRI stack with runc's systemd cgroup driver.
+    Systemd,
+    /// CRI-O with the hook in hooks.d, no NRI.
+    HooksD,
+}
+
+const GROUPS: [Group; 4] = [Group::Nri, Group::BaseSpec, Group::Systemd, Group::HooksD];
+
+fn group_of(scenario: &str) -> Group {
+    if scenario.starts_with("hooks_d_") {
+        Group::HooksD
+    } else if scenario.starts_with("base_spec_") {
+        Group::BaseSpec
+    } else if scenario.contains("systemd") {
+        Group::Systemd
+    } else {
+        Group::Nri
+    }
+}
+
+/// Where systemd says it runs (sd_booted(3)).
+const SYSTEMD_MARKER: &str = "/run/systemd/system";
+
+type Step<'a> = Pin<Box<dyn Future<Output = Result<String>> + 'a>>;
+
+fn step<'a>(name: &str, stack: &'a mut Stack, cri: &'a mut Cri) -> Step<'a> {
+    match name {
+        "nri_identity" => Box::pin(identity(stack, cri)),
+        "nri_first_instruction" => Box::pin(first_instruction(stack, cri)),
+        "nri_non_matching" => Box::pin(non_matching(stack, cri)),
+        "nri_audit" => Box::pin(audit(stack, cri)),
+        "nri_removal" => Box::pin(removal(stack, cri)),
+        "nri_runtime_restart" => Box::pin(runtime_restart(stack, cri)),
+        "nri_sync_not_covered" => Box::pin(sync_not_covered(stack, cri)),
+        "why_hooks" => Box::pin(why_hooks(stack, cri)),
+        "nri_agent_down" => Box::pin(agent_down(stack, cri)),
+        "base_spec_first_instruction" => Box::pin(base_spec_first_instruction(stack, cri)),
+        "base_spec_non_matching" => Box::pin(base_spec_non_matching(stack, cri)),
+        "nri_systemd_cgroup_identity" => Box::pin(systemd_cgroup_identity(stack, cri)),
+        "hooks_d_first_instruction" => Box::pin(first_instruction(stack, cri)),
+        "hooks_d_non_matching" => Box::pin(non_matching(stack, cri)),
+        "hooks_d_audit" => Box::pin(audit(stack, cri)),
+        "hooks_d_removal" => Box::pin(removal(stack, cri)),
+        "hooks_d_why_hooks" => Box::pin(why_hooks(stack, cri)),
+        "hooks_d_agent_down" => Box::pin(agent_down(stack, cri)),
+        other => {
+            let other = other.to_string();
+            Box::pin(async move { bail!("no such scenario: {other}") })
+        }
+    }
+}
+
+/// Runs the scenarios [`plan`] chooses, appending to `results`. Returns
+/// whether none failed.
+pub async fn run(
+    results: &Path,
+    bin_dir: &Path,
+    filter: &str,
+    exclude: &str,
+    timeout: Duration,
+) -> Result<bool> {
+    let out = Results::new(results);
+    // `a|b` chooses scenarios containing a or b (the shell scenarios match none of
+    // such a filter, which is what a run of only these scenarios wants).
+    let chosen = plan(filter, exclude);
+    let lines: Vec<_> = chosen
+        .iter()
+        .map(|(s, t)| json!({"scenario": s, "runtime": t.name()}))
+        .collect();
+    out.append(json!({ "plan": lines }))?;
+    let uname = uname();
+    let mut ok = true;
+    for target in Target::ALL {
+        for group in GROUPS {
+            let names: Vec<&str> = chosen
+                .iter()
+                .filter(|(s, t)| *t == target && group_of(s) == group)
+                .map(|(s, _)| *s)
+                .collect();
+            if !names.is_empty() {
+                ok &= run_group(&out, target, group, &names, bin_dir, timeout, &uname).await?;
+            }
+        }
+    }
+    Ok(ok)
+}
+
+/// Copies the stack's logs (agent, hook, plugin, events, containerd) next to the
+/// results, `logs/e2e-<scenario>-<runtime>/`: the stack's directory goes with it.
+fn keep_logs(out: &Results, stack: &Stack, scenario: &str, runtime: &str) {
+    let Some(dir) = out.dir() else {
+        return;
+    };
+    let dest = dir.join("logs").join(format!("e2e-{scenario}-{runtime}"));
+    if std::fs::create_dir_all(&dest).is_err() {
+        return;
+    }
+    let d = stack.dir.path();
+    for f in ["agent.log", "hook.log", "nri-hook.log", "events.jsonl"] {
+        let _ = std::fs::copy(d.join(f), dest.join(f));
+    }
+    let _ = std::fs::copy(
+        stack.runtime.log_path(),
+        dest.join(format!("{}.log", stack.runtime.name())),
+    );
+}
+
+/// The stack a group needs: its policies, runtime options and hook path.
+async fn start_group(target: Target, group: Group, bins: Binaries) -> Result<Stack> {
+    let containerd = |o: Options| RuntimeOptions::Containerd(o);
+    match (target, group) {
+        (Target::Containerd(release), Group::Nri) => {
+            Stack::start(
+                release,
+                bins,
+                &[("deny-busybox.yaml", POLICY), ("audit.yaml", AUDIT_POLICY)],
+            )
+            .await
+        }
+        (Target::Containerd(release), Group::BaseSpec) => {
+            Stack::start_with(
+                containerd(Options::new(release)),
+                HookPath::BaseSpec,
+                bins,
+                &[("deny-locked.yaml", NAMESPACE_POLICY)],
+            )
+            .await
+        }
+        (Target::Containerd(release), Group::Systemd) => {
+            let mut o = Options::new(release);
+            o.systemd_cgroup = true;
+            Stack::start_with(
+                containerd(o),
+                HookPath::Nri,
+                bins,
+                &[("deny-busybox.yaml", POLICY)],
+            )
+            .await
+        }
+        (Target::Crio(runtime), Group::Nri | Group::HooksD) => {
+            let crio = crate::crio::Binaries::from_env()?
+                .context("no CRI-O binaries (RTHOOKS_CRIO_DIR)")?;
+            let (path, policies): (_, &[(&str, &str)]) = if group == Group::Nri {
+                (
+                    HookPath::Nri,
+                    &[("deny-busybox.yaml", POLICY), ("audit.yaml", AUDIT_POLICY)],
+                )
+            } else {
+                (
+                    HookPath::HooksD,
+                    &[
+                        ("deny-locked.yaml", NAMESPACE_POLICY),
+                        ("audit-ns.yaml", AUDIT_NAMESPACE_POLICY),
+                    ],
+                )
+            };
+            Stack::start_with(
+                RuntimeOptions::Crio(crio, crate::crio::Options::new(runtime)),
+                path,
+                bins,
+                policies,
+            )
+            .await
+        }
+        (t, g) => bail!("no {g:?} stack on {}", t.name()),
+    }
+}
+
+/// Why a group cannot run here (a skip), or that it cannot run at all (a failure).
+fn unavailable(target: Target, group: Group) -> Option<Verdict> {
+    if !is_root() {
+        return Some(Verdict::skip("needs root"));
+    }
+    if group == Group::Systemd && !Path::new(SYSTEMD_MARKER).exists() {
+        return Some(Verdict::skip(format!(
+            "needs systemd (runc's systemd cgroup driver asks it over D-Bus to create the \
+             scopes): {SYSTEMD_MARKER} is absent, this guest has no systemd"
+        )));
+    }
+    if let Target::Crio(runtime) = target {
+        match crate::crio::Binaries::from_env() {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Some(Verdict::skip(format!(
+                    "no CRI-O: {} is not set (cargo xtask e2e/test set it from --crio-dir, \
+                     RTHOOKS_CRIO_DIR or ../shared/crio/crio-*.tar.zst beside the checkout)",
+                    crate::crio::CRIO_DIR_ENV
+                )))
+            }
+            Err(e) => return Some(Verdict::fail(format!("{e:#}"))),
+        }
+        if let Err(e) = runtime.binary() {
+            return Some(Verdict::skip(format!("{e:#}")));
+        }
+        // On the hybrid development hosts crun refuses to run, and with runc CRI-O leaves
+        // the container's cgroup v2 directory behind after RemoveContainer (so the agent
+        // keeps the container until the pod's cgroup goes). The guests are cgroup v2 only.
+        if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            return Some(Verdict::skip(
+                "CRI-O's scenarios need the unified cgroup hierarchy (crun refuses a hybrid \
+                 host; runc under CRI-O leaves the v2 directory after RemoveContainer): \
+                 /sys/fs/cgroup is not cgroup v2 here",
+            ));
+        }
+    }
+    None
+}
+
+/// Starts the group's stack, runs `names` on it, appends their lines; whether none failed.
+async fn run_group(
+    out: &Results,
+    target: Target,
+    group: Group,
+    names: &[&str],
+    bin_dir: &Path,
+    timeout: Duration,
+    uname: &str,
+) -> Result<bool> {
+    let runtime = target.name();
+    let setup = if let Some(v) = unavailable(target, group) {
+        Err(v)
+    } else {
+        match Binaries::in_dir(bin_dir) {
+            Err(e) => Err(Verdict::skip(e.to_string())),
+            Ok(bins) => {
+                match tokio::time::timeout(timeout, start_group(target, group, bins)).await {
+                    Ok(Ok(s)) => Ok(s),
+                    Ok(Err(e)) => Err(Verdict::fail(format!("stack did not start: {e:#}"))),
+                    Err(_) => Err(Verdict::fail("stack did not start in time")),
+                }
+            }
+        }
+    };
+    let mut stack = match setup {
+        Ok(s) => s,
+        Err(v) => {
+            for s in names {
+                out.append(line(s, runtime, &v, 0.0, "", uname))?;
+            }
+            return Ok(v.result != "fail");
+        }
+    };
+    let status = stack.status().unwrap_or_default();
+    let mode = status["enforcement_mode"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let why = status["enforcement_reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let mut cri = stack.runtime.cri().await?;
+    let mut ok = true;
+    for s in names {
+        let t = Instant::now();
+        let v = match tokio::time::timeout(timeout, step(s, &mut stack, &mut cri)).await {
+            // The agent's reason for its mode, once per stack, for the matrix.
+            Ok(Ok(detail)) if *s == names[0] && !why.is_empty() => {
+                Verdict::pass(format!("{detail} (agent: {mode}, {why})"))
+            }
+            Ok(Ok(detail)) => Verdict::pass(detail),
+            Ok(Err(e)) => Verdict::fail(format!("{e:#}")),
+            Err(_) => Verdict::fail(format!("timed out after {timeout:?}")),
+        };
+        ok &= v.result != "fail";
+        eprintln!(
+            "e2e guest: {s} ({runtime}) -> {} {}{}",
+            v.result, v.reason, v.detail
+        );
+        out.append(line(
+            s,
+            runtime,
+            &v,
+            t.elapsed().as_secs_f64(),
+            &mode,
+            uname,
+        ))?;
+        if v.result == "fail" {
+            keep_logs(out, &stack, s, runtime);
+        }
+        // A failed or timed-out scenario may have left pods, or the agent or plugin
+        // stopped: the next scenario starts from the stack as the group set it up.
+        if v.result != "pass" {
+            let _ = cri.remove_all_pods().await;
+            if stack.agent.as_mut().is_none_or(|a| !a.running()) {
+                let _ = stack.start_agent().await;
+            }
+            let _ = stack.enable_hooks(&mut cri).await;
+        }
+    }
+    let _ = cri.remove_all_pods().await;
+    drop(stack);
+    Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenarios::targets::{CONTAINERD_SCENARIOS, CRIO_SCENARIOS};
+
+    #[test]
+    fn a_filter_chooses_by_scenario_or_by_runtime() {
+        let names = |f| {
+            plan(f, "")
+                .into_iter()
+                .map(|(s, t)| format!("{s}@{}", t.name()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            plan("", "").len(),
+            2 * CONTAINERD_SCENARIOS.len() + 2 * CRIO_SCENARIOS.len()
+        );
+        assert_eq!(
+            names("hooks_d_audit|nri_audit"),
+            [
+                "nri_audit@containerd-2.1",
+                "nri_audit@containerd-1.7",
+                "hooks_d_audit@crio-runc",
+                "hooks_d_audit@crio-crun"
+            ]
+        );
+        let crun = names("crio-crun");
+        assert_eq!(crun.len(), CRIO_SCENARIOS.len());
+        assert!(crun.iter().all(|n| n.ends_with("@crio-crun")));
+        assert_eq!(names("crio").len(), 2 * CRIO_SCENARIOS.len());
+        // What the other guest runs when the CRI-O scenarios have their own.
+        let rest = plan("", "crio");
+        assert_eq!(rest.len(), 2 * CONTAINERD_SCENARIOS.len());
+        assert!(rest.iter().all(|(_, t)| matches!(t, Target::Containerd(_))));
+        // Every planned scenario has a group whose stack its runtime can start.
+        for (s, t) in plan("", "") {
+            let g = group_of(s);
+            let crio_only = g == Group::HooksD;
+            let containerd_only = matches!(g, Group::BaseSpec | Group::Systemd);
+            match t {
+                Target::Crio(_) => assert!(!containerd_only, "{s} on {t:?}"),
+                Target::Containerd(_) => assert!(!crio_only, "{s} on {t:?}"),
+            }
+        }
+    }
+}
