@@ -2,21 +2,11 @@
 //! logs, rthooksctl, and containers reported without a hook.
 mod common;
 
-use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use rthooks_api::v1;
-
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
 
 /// An open `GetEvents` stream from the agent at `socket`.
 fn subscribe_events(rt: &tokio::runtime::Runtime, socket: &str) -> tonic::Streaming<v1::Event> {
@@ -30,14 +20,6 @@ fn subscribe_events(rt: &tokio::runtime::Runtime, socket: &str) -> tonic::Stream
             .unwrap()
             .into_inner()
     })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn rthooksctl(agent: &Agent, args: &[&str]) -> String {
@@ -59,7 +41,7 @@ fn metrics_events_stream_logs_and_cli() {
     if !kernel_tests_possible() {
         return;
     }
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = free_address();
     let agent = Agent::start(&[
         "--trust-label-annotation",
         "--log-format=json",
@@ -115,7 +97,7 @@ fn metrics_events_stream_logs_and_cli() {
     });
 
     let metrics = wait_for("metrics", Duration::from_secs(20), || {
-        let m = http_get(&addr, "/metrics");
+        let (_, m) = http_get(&addr, "/metrics")?;
         m.contains("rthooks_events_total{action=\"kill\"} 1")
             .then_some(m)
     });
@@ -130,9 +112,13 @@ fn metrics_events_stream_logs_and_cli() {
     ] {
         assert!(metrics.contains(want), "{want} missing in\n{metrics}");
     }
-    assert!(http_get(&addr, "/healthz").starts_with("HTTP/1.1 200"));
-    assert!(http_get(&addr, "/readyz").starts_with("HTTP/1.1 200"));
-    assert!(http_get(&addr, "/nope").starts_with("HTTP/1.1 404"));
+    for (path, want) in [("/healthz", 200), ("/readyz", 200), ("/nope", 404)] {
+        let (status, _) = http_get(&addr, path).unwrap();
+        assert!(
+            status.starts_with(&format!("HTTP/1.1 {want} ")),
+            "{path}: {status}"
+        );
+    }
 
     let status: serde_json::Value =
         serde_json::from_str(&rthooksctl(&agent, &["-o", "json", "status"])).unwrap();

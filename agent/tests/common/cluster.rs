@@ -221,27 +221,6 @@ pub fn request(cgroup: &Cgroup, id: &str, ns: &str, pod: &str, uid: &str) -> Cre
     }
 }
 
-pub fn free_address() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
-}
-
-/// `(status line, body)` of GET `path`, or None when nothing answers.
-pub fn http_get(addr: &str, path: &str) -> Option<(String, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.to_string(), body.to_string()))
-}
-
 pub fn wait_ready(addr: &str) {
     wait_for("the agent's readiness", Duration::from_secs(60), || {
         http_get(addr, "/readyz").filter(|(status, _)| status.contains(" 200 "))

@@ -289,6 +289,28 @@ pub fn hook_request(cgroup: &Cgroup, id: &str, labels: &str) -> CreateContainer 
     }
 }
 
+/// A loopback address with a port nothing listens on at the moment (for `--metrics-address`).
+pub fn free_address() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// `(status line, body)` of GET `path`, or None when nothing answers.
+pub fn http_get(addr: &str, path: &str) -> Option<(String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_string(), body.to_string()))
+}
+
 /// `$var`, or `default` (benches: fewer execs, registrations or pods in slow guests).
 pub fn count(var: &str, default: usize) -> usize {
     std::env::var(var)
