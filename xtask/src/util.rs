@@ -82,3 +82,86 @@ pub fn cgroup_v2_root() -> &'static std::path::Path {
         std::path::Path::new("/sys/fs/cgroup")
     }
 }
+
+/// One test executable cargo built: its target's name (`enforcement` for
+/// `agent/tests/enforcement.rs`, the crate name for unit tests) and the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestBinary {
+    pub name: String,
+    pub executable: PathBuf,
+}
+
+/// Builds the test executables `cargo test --no-run <args>` selects and returns them, as
+/// cargo's JSON messages name them: the `executable` of each `compiler-artifact` with
+/// `profile.test`. The deps directory holds one file per build of a test (other feature
+/// sets, older sources), so the newest file there need not be this build's. Diagnostics
+/// still reach the terminal (`json-render-diagnostics`).
+pub fn test_binaries(args: &[&str]) -> Result<Vec<TestBinary>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "test",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ])
+    .args(args)
+    .current_dir(workspace_root())
+    .stderr(std::process::Stdio::inherit());
+    let out = cmd
+        .output()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", out.status);
+    }
+    test_binaries_in(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The test executables in cargo's JSON messages (one object a line).
+fn test_binaries_in(messages: &str) -> Result<Vec<TestBinary>> {
+    let mut found = Vec::new();
+    for line in messages.lines().filter(|l| l.starts_with('{')) {
+        let m: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("cargo message {line}"))?;
+        if m["reason"] != "compiler-artifact" || m["profile"]["test"] != true {
+            continue;
+        }
+        let Some(executable) = m["executable"].as_str() else {
+            continue;
+        };
+        found.push(TestBinary {
+            name: m["target"]["name"].as_str().unwrap_or_default().to_string(),
+            executable: PathBuf::from(executable),
+        });
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_binaries_are_the_test_profile_artifacts_with_an_executable() {
+        // Shaped as cargo 1.95 prints them (fields trimmed).
+        let messages = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/agent#rthooks-agent@0.1.0","target":{"kind":["lib"],"crate_types":["lib"],"name":"rthooks_agent"},"profile":{"test":false},"executable":null,"fresh":true}
+{"reason":"compiler-artifact","target":{"kind":["test"],"crate_types":["bin"],"name":"enforcement"},"profile":{"test":true},"executable":"/w/target/debug/deps/enforcement-1f2e","fresh":false}
+{"reason":"compiler-artifact","target":{"kind":["bin"],"crate_types":["bin"],"name":"rthooksctl"},"profile":{"test":false},"executable":"/w/target/debug/rthooksctl","fresh":true}
+{"reason":"compiler-artifact","target":{"kind":["lib"],"crate_types":["lib"],"name":"rthooks_agent"},"profile":{"test":true},"executable":"/w/target/debug/deps/rthooks_agent-aa01","fresh":true}
+{"reason":"build-finished","success":true}
+"#;
+        assert_eq!(
+            test_binaries_in(messages).unwrap(),
+            [
+                TestBinary {
+                    name: "enforcement".into(),
+                    executable: "/w/target/debug/deps/enforcement-1f2e".into(),
+                },
+                TestBinary {
+                    name: "rthooks_agent".into(),
+                    executable: "/w/target/debug/deps/rthooks_agent-aa01".into(),
+                },
+            ]
+        );
+        assert!(test_binaries_in("{not json\n").is_err());
+    }
+}

@@ -4,11 +4,16 @@
 # kprobe or sigkill otherwise: SIGKILL), or in a forced one (the agents the tests start
 # read RTHOOKS_ENFORCEMENT). One scenario per test binary: under TCG each takes minutes.
 
-# agent_test_binary NAME: the newest build of agent/tests/NAME.rs (nothing if none).
+# agent_test_binary NAME: this run's build of agent/tests/NAME.rs, as cargo named it to
+# cargo xtask e2e (RTHOOKS_TEST_BINARIES: NAME=PATH lines; nothing if it is not there).
 agent_test_binary() {
-    local t
-    t=$(ls -t "$RTHOOKS_BIN_DIR"/deps/"$1"-* 2>/dev/null | grep -v '\.d$' | head -n 1)
-    [ -n "$t" ] && [ -x "$t" ] && echo "$t"
+    local line
+    while IFS= read -r line; do
+        if [ "${line%%=*}" = "$1" ] && [ -x "${line#*=}" ]; then
+            echo "${line#*=}"
+            return
+        fi
+    done <<<"${RTHOOKS_TEST_BINARIES:-}"
 }
 
 # agent_tests SUITE [MODE [TEST FILTER]]: runs agent/tests/SUITE.rs (with
@@ -19,7 +24,7 @@ agent_tests() {
     t=$(agent_test_binary "$suite")
     modes=$(agent_test_binary exec_semantics)
     [ -n "$t" ] && [ -n "$modes" ] ||
-        skip "the agent's test binaries are not built (cargo test --no-run -p rthooks-agent)"
+        skip "the agent's test binaries were not built by this run (cargo xtask e2e without --no-build builds them)"
     # The mode the agents choose here, and why (that test prints it).
     out=$("$modes" --exact the_chosen_mode_is_reported_with_its_reason --nocapture 2>&1)
     m=$(echo "$out" | sed -n 's/^rthooks enforcement mode: //p' | head -n 1)

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::util::{cache_dir, target_dir, workspace_root};
+use crate::util::{cache_dir, target_dir, workspace_root, TestBinary};
 use fetch::{Apt, FetchStats};
 use kernels::{Config, Kernel};
 
@@ -71,7 +71,8 @@ pub struct E2eArgs {
     /// by their runtime, e.g. `crio` or `crio-crun`; alternatives separated by `|`).
     #[arg(long)]
     pub scenario: Option<String>,
-    /// Use the binaries already built.
+    /// Use the binaries already built (the agent's kernel-test scenarios then skip: only
+    /// a build says which test executables are current).
     #[arg(long)]
     pub no_build: bool,
     /// Where the guests take rthooks' binaries from (default: the cargo target
@@ -287,11 +288,17 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
         if let Err(e) = crate::util::cargo(&["build", "--bins", "--keep-going"]) {
             eprintln!("e2e: warning: the build failed ({e:#}); scenarios needing the missing binaries will skip");
         }
-        // The agent's kernel tests run unchanged in the guests (agent_kernel_tests).
-        if let Err(e) = crate::util::cargo(&["test", "--no-run", "-p", "rthooks-agent"]) {
-            eprintln!("e2e: warning: the agent's tests do not build ({e:#}); agent_kernel_tests will skip");
-        }
     }
+    // The agent's kernel tests run unchanged in the guests (agent_kernel_tests), found by
+    // what cargo says it built.
+    let test_binaries = if args.no_build {
+        Vec::new()
+    } else {
+        crate::util::test_binaries(&["-p", "rthooks-agent"]).unwrap_or_else(|e| {
+            eprintln!("e2e: warning: the agent's tests do not build ({e:#}); agent_kernel_tests will skip");
+            Vec::new()
+        })
+    };
     let mut stats = FetchStats::default();
     let prepared = prepare(&config, &kernels, &args.select.kernel_dir, &mut stats)?;
     prefetch_e2e_crate(&bin_dir(args));
@@ -327,7 +334,7 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
         })
         .collect();
     let runs = in_parallel(&guests, args.jobs, |(p, part)| {
-        run_kernel(p, *part, args, accel, &qemu_bin, &out_dir)
+        run_kernel(p, *part, args, &test_binaries, accel, &qemu_bin, &out_dir)
     });
     for run in runs {
         let (r, line, _) = run?;
@@ -437,6 +444,7 @@ fn run_kernel(
     p: &Prepared,
     part: Part,
     args: &E2eArgs,
+    test_binaries: &[TestBinary],
     accel: qemu::Accel,
     qemu_bin: &Path,
     out_dir: &Path,
@@ -446,7 +454,10 @@ fn run_kernel(
     let results = out_dir.join(&guest);
     let _ = std::fs::remove_dir_all(&results);
     std::fs::create_dir_all(&results)?;
-    std::fs::write(results.join("job"), job_script(name, part, args, accel))?;
+    std::fs::write(
+        results.join("job"),
+        job_script(name, part, args, test_binaries, accel),
+    )?;
     let runner = match args.runner {
         RunnerKind::Qemu => qemu::Runner::Qemu,
         RunnerKind::Vng => qemu::Runner::Vng {
@@ -566,7 +577,15 @@ pub fn demo() -> Result<()> {
     let accel = qemu::choose_accel(&qemu_bin, &prepared[0].tree.vmlinuz, &prepared[0].initramfs);
     let out_dir = target_dir().join("demo");
     std::fs::create_dir_all(&out_dir)?;
-    let (_, line, ok) = run_kernel(&prepared[0], Part::All, &args, accel, &qemu_bin, &out_dir)?;
+    let (_, line, ok) = run_kernel(
+        &prepared[0],
+        Part::All,
+        &args,
+        &[],
+        accel,
+        &qemu_bin,
+        &out_dir,
+    )?;
     if !ok {
         anyhow::bail!("the demo did not complete: {line}");
     }
@@ -610,8 +629,25 @@ pub(crate) fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// The guest's list of the test executables this run built ([`crate::util::test_binaries`]):
+/// one `<target name>=<path>` a line.
+pub const TEST_BINARIES_ENV: &str = "RTHOOKS_TEST_BINARIES";
+
+fn test_binaries_value(test_binaries: &[TestBinary]) -> String {
+    test_binaries
+        .iter()
+        .map(|t| format!("{}={}\n", t.name, t.executable.display()))
+        .collect()
+}
+
 /// The script the guest init runs (after `switch_root` into the host root), from the results share.
-fn job_script(kernel: &str, part: Part, args: &E2eArgs, accel: qemu::Accel) -> String {
+fn job_script(
+    kernel: &str,
+    part: Part,
+    args: &E2eArgs,
+    test_binaries: &[TestBinary],
+    accel: qemu::Accel,
+) -> String {
     let (filter, exclude) = match part {
         Part::All => (args.scenario.clone().unwrap_or_default(), String::new()),
         Part::AllButCrio => (String::new(), CRIO_SCENARIOS.to_string()),
@@ -643,6 +679,7 @@ fn job_script(kernel: &str, part: Part, args: &E2eArgs, accel: qemu::Accel) -> S
         ),
         // Guest-side code scales its own waits by this: TCG is several times slower.
         ("RTHOOKS_VM_ACCEL", accel.name().to_string()),
+        (TEST_BINARIES_ENV, test_binaries_value(test_binaries)),
     ];
     let mut s = String::from("# Written by cargo xtask e2e; run by the guest init.\n");
     for (k, v) in vars {
@@ -704,7 +741,12 @@ mod tests {
             update_readme: false,
             command: None,
         };
-        let s = job_script("6.12", Part::All, &args, qemu::Accel::Tcg);
+        let built = [TestBinary {
+            name: "enforcement".into(),
+            executable: "/t/deps/enforcement-1f".into(),
+        }];
+        let s = job_script("6.12", Part::All, &args, &built, qemu::Accel::Tcg);
+        assert!(s.contains("export RTHOOKS_TEST_BINARIES='enforcement=/t/deps/enforcement-1f\n'\n"));
         assert!(s.contains("export RTHOOKS_KERNEL='6.12'\n"));
         assert!(s.contains("export RTHOOKS_SCENARIO_FILTER='it'\\''s'\n"));
         assert!(s.contains("export RTHOOKS_SCENARIO_TIMEOUT='7'\n"));
@@ -712,9 +754,9 @@ mod tests {
         assert!(s.contains("export RTHOOKS_VM_ACCEL='tcg'\n"));
         assert!(s.contains("export RTHOOKS_SCENARIO_EXCLUDE=''\n"));
         // The CRI-O guest and the other one split the scenarios between them.
-        let crio = job_script("6.12", Part::Crio, &args, qemu::Accel::Tcg);
+        let crio = job_script("6.12", Part::Crio, &args, &[], qemu::Accel::Tcg);
         assert!(crio.contains("export RTHOOKS_SCENARIO_FILTER='crio'\n"));
-        let rest = job_script("6.12", Part::AllButCrio, &args, qemu::Accel::Tcg);
+        let rest = job_script("6.12", Part::AllButCrio, &args, &[], qemu::Accel::Tcg);
         assert!(rest.contains("export RTHOOKS_SCENARIO_FILTER=''\n"));
         assert!(rest.contains("export RTHOOKS_SCENARIO_EXCLUDE='crio'\n"));
         assert_eq!(Part::Crio.results_dir("6.12"), "6.12-crio");
@@ -723,7 +765,7 @@ mod tests {
             command: Some("/b/rthooks-e2e demo".into()),
             ..args
         };
-        let s = job_script("6.12", Part::All, &demo, qemu::Accel::Tcg);
+        let s = job_script("6.12", Part::All, &demo, &[], qemu::Accel::Tcg);
         assert_eq!(s.lines().last().unwrap(), "exec /b/rthooks-e2e demo");
     }
 
