@@ -80,7 +80,7 @@ pub struct Identified {
 
 /// What the agent knows about the subjects of one exec record.
 pub struct ExecContext {
-    /// `name:deny|kill|audit` for every policy involved.
+    /// `origin:name:deny|kill|audit` for every policy involved (`api:prod/p:deny`).
     pub policies: Vec<String>,
     /// The path a policy named it by, when one did.
     pub binary: Option<String>,
@@ -819,12 +819,29 @@ pub fn to_api_policy(p: &PolicyRecord) -> v1::Policy {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use super::*;
     use crate::state::tests::{policy, FakeMaps};
     use crate::state::MapContents;
+
+    /// An agent over the state tests' map recorder (`mode`), its state and policy
+    /// directories below `dir`, cgroups below `cgroup_root`.
+    pub(crate) fn fake_agent(dir: &Path, cgroup_root: PathBuf, mode: Mode) -> Arc<Agent> {
+        Arc::new(
+            Agent::new(
+                Box::new(FakeMaps::default()),
+                mode,
+                "test".into(),
+                &dir.join("state"),
+                cgroup_root,
+                dir.join("policies"),
+                false,
+            )
+            .unwrap(),
+        )
+    }
 
     /// The fake maps, shared so the test can look at them while the agent owns them.
     struct SharedMaps(Arc<Mutex<FakeMaps>>);
@@ -865,13 +882,13 @@ mod tests {
     }
 
     /// A real cgroup v2 directory below the root, removed on drop.
-    struct TestCgroup {
-        dir: PathBuf,
+    pub(crate) struct TestCgroup {
+        pub dir: PathBuf,
         cgroups_path: String,
     }
 
     impl TestCgroup {
-        fn new(root: &Path, name: &str) -> TestCgroup {
+        pub fn new(root: &Path, name: &str) -> TestCgroup {
             let leaf = format!("rthooks-unit-{}-{name}", std::process::id());
             let dir = root.join(&leaf);
             std::fs::create_dir(&dir).unwrap();
@@ -881,7 +898,7 @@ mod tests {
             }
         }
 
-        fn request(&self, container_id: &str) -> CreateContainer {
+        pub fn request(&self, container_id: &str) -> CreateContainer {
             CreateContainer {
                 cgroups_path: self.cgroups_path.clone(),
                 container_id: container_id.into(),
@@ -900,7 +917,7 @@ mod tests {
     }
 
     /// A writable cgroup v2 root, or why the test cannot run here.
-    fn cgroup_root() -> Option<PathBuf> {
+    pub(crate) fn cgroup_root() -> Option<PathBuf> {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: creating cgroups needs root");
             return None;

@@ -148,7 +148,7 @@ fn handle(agent: &Agent, ev: &Event, sink: &mut Option<Box<dyn Write + Send>>) {
                 .container
                 .as_ref()
                 .map(|c| format!("{}/{}", c.pod_namespace, c.pod_name));
-            tracing::info!(action = %event.action, binary = %event.binary, pid = event.pid, pod = ?pod, "enforcement event");
+            tracing::info!(action = %event.action, binary = %event.binary, pid = event.pid, pod = ?pod, policies = ?event.policies, "enforcement event");
             agent.publish_event(event);
         }
         EVENT_CGROUP_REMOVED => agent.cgroup_removed(ev.cgroup_id),

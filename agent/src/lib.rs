@@ -202,6 +202,7 @@ fn watch_kube(
         agent.clone(),
     );
     agent.attach_namespaces(namespaces);
+    kube::events::start(args, client.clone(), node, agent.clone());
     // kpolicy: RuntimePolicy / NamespacedRuntimePolicy beside the files and the API.
     kube::policies::spawn(client, node, agent.clone());
 }

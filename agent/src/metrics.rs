@@ -22,6 +22,7 @@ pub struct Metrics {
     hook_sum_ns: AtomicU64,
     events: Mutex<Counts>,
     pod_label_lookups: Mutex<Counts>,
+    kube_events: Mutex<Counts>,
     discovered: AtomicU64,
 }
 
@@ -69,6 +70,20 @@ impl Metrics {
         *counts(&self.pod_label_lookups).entry(result).or_default() += 1;
     }
 
+    /// Deny and kill reports as Kubernetes Events (`--kube-events`): `sent`, `failed`
+    /// (the API refused or did not answer), `suppressed` (the rate rule), `dropped` (the
+    /// reporter or its queue to the API was full).
+    pub fn kube_events(&self, result: &'static str, n: u64) {
+        *counts(&self.kube_events).entry(result).or_default() += n;
+    }
+
+    pub fn kube_event_counts(&self) -> BTreeMap<String, u64> {
+        counts(&self.kube_events)
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect()
+    }
+
     /// A running container that was never registered was found through the API.
     pub fn container_discovered(&self) {
         self.discovered.fetch_add(1, Ordering::Relaxed);
@@ -100,6 +115,12 @@ impl Metrics {
             "Registrations without trusted labels, by how the pod store answered.",
             "result",
             &counts(&self.pod_label_lookups),
+        );
+        counter(
+            "rthooks_kube_events_total",
+            "Deny and kill reports as Kubernetes Events, by result (sent, failed, suppressed by the rate rule, dropped).",
+            "result",
+            &counts(&self.kube_events),
         );
         let name = "rthooks_runtime_hook_duration_seconds";
         let _ = writeln!(

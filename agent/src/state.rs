@@ -513,11 +513,12 @@ impl State {
         }
     }
 
-    /// Which policies, by slot, of a set (for events).
+    /// Which policies, by slot, of a set (for events): `origin:ns/name`, because two
+    /// origins may hold policies of the same name.
     pub fn policy_names(&self, set: &PolicySet) -> Vec<String> {
         set.slots()
             .filter_map(|s| self.policy_in_slot(s))
-            .map(|p| p.key().to_string())
+            .map(|p| format!("{}:{}", p.key().origin.as_str(), p.key()))
             .collect()
     }
 }
@@ -962,6 +963,6 @@ pub mod tests {
         s2.full_sync(&mut m).unwrap();
         assert_eq!(m.containers.keys().copied().collect::<Vec<_>>(), [10]);
         assert_eq!(m.binaries.len(), 1);
-        assert_eq!(s2.policy_names(&m.containers[&10]), ["p"]);
+        assert_eq!(s2.policy_names(&m.containers[&10]), ["api:p"]);
     }
 }

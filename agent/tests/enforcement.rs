@@ -85,7 +85,7 @@ fn denied_binary_never_runs_and_the_event_names_the_pod() {
     assert_eq!(e["container"]["pod_name"], "web-0");
     assert_eq!(e["container"]["pod_namespace"], "shop");
     assert_eq!(e["container"]["pod_labels"]["app"], "web");
-    assert_eq!(e["policies"][0], "deny-victim:deny");
+    assert_eq!(e["policies"][0], "file:deny-victim:deny");
 }
 
 #[test]
@@ -126,8 +126,8 @@ fn audit_reports_without_stopping_and_kill_kills() {
         .map(|v| v.as_str().unwrap().to_string())
         .collect();
     assert!(
-        policies.contains(&"kill-victim:kill".to_string())
-            && policies.contains(&"audit-victim:audit".to_string()),
+        policies.contains(&"api:kill-victim:kill".to_string())
+            && policies.contains(&"api:audit-victim:audit".to_string()),
         "{policies:?}"
     );
 }

@@ -39,6 +39,18 @@ pub struct KubeArgs {
     /// resources `pods` and `testnamespaces`) on a server that serves no core resources.
     #[arg(long, env = "RTHOOKS_KUBE_CORE_GROUP", default_value = "")]
     pub kube_core_group: String,
+
+    /// Report deny and kill as Kubernetes Events on the pod (events.k8s.io, reason
+    /// ExecDenied/ExecKilled), so that `kubectl describe pod` shows why an exec failed.
+    /// Needs create and patch on events.k8s.io events.
+    #[arg(long, env = "RTHOOKS_KUBE_EVENTS")]
+    pub kube_events: bool,
+
+    /// With --kube-events: at most one Event request per (pod, container, action,
+    /// binary, policies) within this interval; repeats within it are only counted
+    /// (rthooks_kube_events_total{result="suppressed"}).
+    #[arg(long, env = "RTHOOKS_KUBE_EVENTS_INTERVAL", default_value = "1m", value_parser = crate::config::parse_duration)]
+    pub kube_events_interval: Duration,
 }
 
 /// How the agent reaches the API, if at all.

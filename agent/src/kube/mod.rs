@@ -1,11 +1,13 @@
 //! The agent's Kubernetes side: the connection ([`client`]: in a cluster through its
 //! service account, or a `--kubeconfig`), and the sources of pod identity it keeps in
-//! reflector stores ([`pods`]: this node's pods; [`namespaces`]: namespace labels).
+//! reflector stores ([`pods`]: this node's pods; [`namespaces`]: namespace labels), the
+//! policy resources ([`policies`]) and, opt-in, deny and kill as Events ([`events`]).
 //!
 //! The sources take the resource they watch as a parameter ([`Resources`]): core/v1
 //! `pods` and `namespaces` in production, Pod- and Namespace-shaped custom resources of a
 //! test group where the test API server (which serves no core resources) stands in.
 pub mod client;
+pub mod events;
 pub mod namespaces;
 pub mod pods;
 pub mod policies;
