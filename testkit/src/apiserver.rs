@@ -89,8 +89,11 @@ pub struct TestApiServer {
 
 impl TestApiServer {
     /// Starts etcd and the server and waits until the server is ready. `audit_log` is where
-    /// the server writes every request it served (one JSON line per request): keep it under
-    /// `target/` so the verbs and resources a test used stay on record.
+    /// the server writes every request it served (one JSON line per request, read by
+    /// [`read_audit_log`]): keep it under `target/` so the verbs and resources a test used
+    /// stay on record. A log left by an earlier run is replaced (the server would append
+    /// to it), so the file holds this run's requests only; restarts of the API server
+    /// within the run ([`TestApiServer::start_apiserver`]) append.
     pub async fn start(audit_log: &Path) -> Result<Self> {
         let bin = bin_dir()
             .ok_or_else(|| ApiServerError::Unavailable(unavailable().unwrap_or_default()))?;
@@ -129,6 +132,15 @@ impl TestApiServer {
         if let Some(parent) = audit_log.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(io(format!("creating {}", parent.display())))?;
+        }
+        match std::fs::remove_file(audit_log) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io(format!(
+                    "removing the last run's {}",
+                    audit_log.display()
+                ))(e))
+            }
+            _ => {}
         }
         let mut server = TestApiServer {
             dir,
@@ -259,6 +271,11 @@ impl TestApiServer {
         Ok(())
     }
 
+    /// Where the server writes its audit log.
+    pub fn audit_log(&self) -> &Path {
+        &self.audit_log
+    }
+
     /// The server's log so far, for a failing test's message.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default()
@@ -337,6 +354,70 @@ fn etcd_post(address: &str, path: &str, body: &str) -> Result<serde_json::Value>
     }
     serde_json::from_str(body.trim())
         .map_err(|e| ApiServerError::NotReady(format!("{what}: {e}: {body}")))
+}
+
+/// One request of the audit log, as RBAC sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// `get`, `list`, `watch`, `create`, `patch`, ...
+    pub verb: String,
+    /// Empty for the core group.
+    pub api_group: String,
+    pub resource: String,
+    /// `status`, ... ; empty for the resource itself.
+    pub subresource: String,
+    pub namespace: String,
+    pub user_agent: String,
+    pub request_uri: String,
+    /// The HTTP status of the answer.
+    pub code: u16,
+}
+
+/// The requests the server answered or is answering (a watch is logged at
+/// `ResponseStarted` and only reaches `ResponseComplete` when it ends), each once, in the
+/// order they came, with a resource (non-resource paths such as `/readyz` are left out).
+/// A missing log reads as none.
+pub fn read_audit_log(path: &Path) -> Result<Vec<AuditRecord>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
+    };
+    let mut records: Vec<AuditRecord> = Vec::new();
+    let mut by_id: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+            ApiServerError::NotReady(format!("audit log {}: {e}: {line}", path.display()))
+        })?;
+        let object = &v["objectRef"];
+        let answered = matches!(
+            v["stage"].as_str(),
+            Some("ResponseStarted" | "ResponseComplete" | "Panic")
+        );
+        if !answered || object.is_null() {
+            continue;
+        }
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+        let record = AuditRecord {
+            verb: text(&v["verb"]),
+            api_group: text(&object["apiGroup"]),
+            resource: text(&object["resource"]),
+            subresource: text(&object["subresource"]),
+            namespace: text(&object["namespace"]),
+            user_agent: text(&v["userAgent"]),
+            request_uri: text(&v["requestURI"]),
+            code: v["responseStatus"]["code"].as_u64().unwrap_or_default() as u16,
+        };
+        // A request's later stage replaces its earlier one.
+        match by_id.entry(text(&v["auditID"])) {
+            std::collections::hash_map::Entry::Occupied(i) => records[*i.get()] = record,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(records.len());
+                records.push(record);
+            }
+        }
+    }
+    Ok(records)
 }
 
 /// Logs every request with its user, verb and resource (no bodies): what RBAC needs.

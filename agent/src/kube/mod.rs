@@ -73,10 +73,53 @@ pub(crate) enum Change<'a> {
 /// How long the task waits after a failed list or watch before the next try.
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// How often an unreachable server is asked whether it answers again: the watcher resumes
+/// When an unreachable server is asked whether it answers again: the watcher resumes
 /// silently (a resumed watch emits nothing until an object changes), so only a request of
-/// our own can tell that the API is back.
-const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// our own can tell that the API is back. The first probe comes soon (a blip ends the
+/// outage quickly), later ones ever less often, so that the agents of every node do not
+/// keep a recovering API server busy.
+const PROBE_FIRST: Duration = Duration::from_millis(500);
+const PROBE_MAX: Duration = Duration::from_secs(8);
+
+/// Capped exponential backoff with jitter: each delay doubles up to the cap, and each
+/// wait is drawn from the upper half of the delay, so that agents that lost the API at
+/// the same moment do not come back in step.
+pub(crate) struct Backoff {
+    first: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, max: Duration) -> Backoff {
+        Backoff {
+            first,
+            max,
+            next: first,
+        }
+    }
+
+    /// The next wait.
+    pub fn next_wait(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay / 2 + delay.mul_f64(jitter() / 2.0)
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+/// A number in [0, 1): std's per-instance random hash keys, so no random crate is needed
+/// for spreading retries.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
 
 /// Spawns the task that keeps `resource`'s objects (narrowed by `fields`) in a reflector
 /// store, calls `react` after each change is applied, and reports the API's state.
@@ -102,9 +145,10 @@ pub(crate) fn spawn_watch(
     tokio::spawn(async move {
         let stream = watcher(api.clone(), config);
         tokio::pin!(stream);
-        let mut backoff = BACKOFF_FIRST;
+        let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_MAX);
+        let mut probe_backoff = Backoff::new(PROBE_FIRST, PROBE_MAX);
+        let mut next_probe = tokio::time::Instant::now();
         let mut before = Vec::new();
-        let mut probe = tokio::time::interval(PROBE_EVERY);
         let mut listed = false;
         loop {
             let probing = matches!(*state_tx.borrow(), ApiState::Unreachable(_));
@@ -112,7 +156,7 @@ pub(crate) fn spawn_watch(
                 event = stream.next() => match event {
                     None => break,
                     Some(Ok(event)) => {
-                        backoff = BACKOFF_FIRST;
+                        backoff.reset();
                         // Who wrote which field is of no use here and often the bulk of
                         // an object: not kept in the store.
                         let event = event.modify(|o| o.metadata.managed_fields = None);
@@ -134,17 +178,21 @@ pub(crate) fn spawn_watch(
                         applied_tx.send_modify(|n| *n += 1);
                     }
                     Some(Err(e)) => {
+                        if !probing {
+                            probe_backoff.reset();
+                            next_probe = tokio::time::Instant::now() + probe_backoff.next_wait();
+                        }
                         set_state(&state_tx, ApiState::Unreachable(e.to_string()), what);
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        tokio::time::sleep(backoff.next_wait()).await;
                     }
                 },
-                _ = probe.tick(), if probing => {
+                _ = tokio::time::sleep_until(next_probe), if probing => {
                     // Only a store that was listed before may serve again; one that never
                     // was waits for its first list.
                     if listed && api.list(&probe_params).await.is_ok() {
                         set_state(&state_tx, ApiState::Synced, what);
                     }
+                    next_probe = tokio::time::Instant::now() + probe_backoff.next_wait();
                 }
             }
         }
@@ -171,4 +219,27 @@ fn set_state(tx: &watch::Sender<ApiState>, new: ApiState, what: &'static str) {
         *current = new;
         true
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_and_starts_over_on_reset() {
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(8));
+        let waits: Vec<Duration> = (0..8).map(|_| b.next_wait()).collect();
+        let delays = [500, 1000, 2000, 4000, 8000, 8000, 8000, 8000].map(Duration::from_millis);
+        for (wait, delay) in waits.iter().zip(delays) {
+            assert!(
+                *wait >= delay / 2 && *wait <= delay,
+                "{wait:?} for {delay:?}"
+            );
+        }
+        // Drawn, not fixed: eight capped waits all equal would be a fixed delay.
+        let capped: Vec<Duration> = (0..8).map(|_| b.next_wait()).collect();
+        assert!(capped.iter().any(|w| *w != capped[0]), "{capped:?}");
+        b.reset();
+        assert!(b.next_wait() <= Duration::from_millis(500));
+    }
 }

@@ -7,6 +7,7 @@
 //! N agents do not wake each other.
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ::kube::api::{Api, Patch, PatchParams};
 use ::kube::runtime::{watcher, WatchStreamExt};
@@ -46,40 +47,78 @@ impl PolicyResource for NamespacedRuntimePolicy {
     }
 }
 
+/// How often each applied policy's container count is recomputed; its status entry is
+/// written again only when the count changed, so a node writes each policy's status at
+/// most once per this interval however fast its containers come and go.
+pub const STATUS_REFRESH: Duration = Duration::from_secs(10);
+
 /// Watches both kinds until the client's server goes away for good; `node` names this
 /// agent's status entries.
 pub fn spawn(client: Client, node: &str, agent: Arc<Agent>) {
+    spawn_with_refresh(client, node, agent, STATUS_REFRESH)
+}
+
+/// [`spawn`], recounting containers every `refresh` (tests take less than [`STATUS_REFRESH`]).
+pub fn spawn_with_refresh(client: Client, node: &str, agent: Arc<Agent>, refresh: Duration) {
     tokio::spawn(watch::<RuntimePolicy>(
         client.clone(),
         node.to_string(),
         agent.clone(),
+        refresh,
     ));
     tokio::spawn(watch::<NamespacedRuntimePolicy>(
         client,
         node.to_string(),
         agent,
+        refresh,
     ));
 }
 
+/// A policy as last applied, and what this node last wrote into its status.
+struct Applied<K> {
+    generation: i64,
+    object: K,
+    policy: Policy,
+    error: Option<String>,
+    containers: u64,
+}
+
 /// One kind's watch: applies, replaces and deletes its policies in `agent`; after a
-/// (re)list, deletes those the list no longer has.
-pub async fn watch<K: PolicyResource>(client: Client, node: String, agent: Arc<Agent>) {
+/// (re)list, deletes those the list no longer has; every `refresh`, rewrites the status
+/// of the policies whose container count changed.
+pub async fn watch<K: PolicyResource>(
+    client: Client,
+    node: String,
+    agent: Arc<Agent>,
+    refresh: Duration,
+) {
     let kind = K::kind(&()).to_string();
     let stream =
         watcher(Api::<K>::all(client.clone()), watcher::Config::default()).default_backoff();
     tokio::pin!(stream);
-    // The generation each policy was last applied at.
-    let mut applied: BTreeMap<PolicyKey, i64> = BTreeMap::new();
+    let mut applied: BTreeMap<PolicyKey, Applied<K>> = BTreeMap::new();
     let mut listed: BTreeSet<PolicyKey> = BTreeSet::new();
-    while let Some(event) = stream.next().await {
+    let mut recount = tokio::time::interval(refresh);
+    recount.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = tokio::select! {
+            event = stream.next() => match event {
+                Some(event) => event,
+                None => return,
+            },
+            _ = recount.tick() => {
+                refresh_counts(&client, &node, &agent, &mut applied).await;
+                continue;
+            }
+        };
         match event {
             Ok(watcher::Event::Init) => listed.clear(),
             Ok(watcher::Event::InitApply(obj)) => {
                 listed.insert(key(&obj));
-                apply(&client, &node, &agent, &mut applied, &obj).await;
+                apply(&client, &node, &agent, &mut applied, obj).await;
             }
             Ok(watcher::Event::Apply(obj)) => {
-                apply(&client, &node, &agent, &mut applied, &obj).await
+                apply(&client, &node, &agent, &mut applied, obj).await
             }
             Ok(watcher::Event::Delete(obj)) => {
                 let key = key(&obj);
@@ -111,16 +150,15 @@ async fn apply<K: PolicyResource>(
     client: &Client,
     node: &str,
     agent: &Agent,
-    applied: &mut BTreeMap<PolicyKey, i64>,
-    obj: &K,
+    applied: &mut BTreeMap<PolicyKey, Applied<K>>,
+    obj: K,
 ) {
     let policy = obj.to_policy();
     let key = policy.key(Origin::Kubernetes);
     let generation = obj.meta().generation.unwrap_or_default();
-    if applied.get(&key) == Some(&generation) {
+    if applied.get(&key).map(|a| a.generation) == Some(generation) {
         return;
     }
-    applied.insert(key.clone(), generation);
     let error = match agent.add_policy(policy.clone(), PolicySource::Kubernetes) {
         Ok(rec) => {
             tracing::info!(policy = %key, slot = rec.slot, generation, "policy loaded from Kubernetes");
@@ -131,22 +169,57 @@ async fn apply<K: PolicyResource>(
             Some(e.to_string())
         }
     };
-    let entry = NodePolicyStatus {
-        node: node.to_string(),
-        loaded: error.is_none(),
+    let containers = agent.check_policy(&policy).len() as u64;
+    let entry = Applied {
+        generation,
+        object: obj,
+        policy,
         error,
-        containers: agent.check_policy(&policy).len() as u64,
-        observed_generation: generation,
+        containers,
+    };
+    write_status(client, node, &key, &entry).await;
+    applied.insert(key, entry);
+}
+
+/// Recounts each policy's containers and writes the status of those whose count changed.
+async fn refresh_counts<K: PolicyResource>(
+    client: &Client,
+    node: &str,
+    agent: &Agent,
+    applied: &mut BTreeMap<PolicyKey, Applied<K>>,
+) {
+    for (key, entry) in applied.iter_mut() {
+        let containers = agent.check_policy(&entry.policy).len() as u64;
+        if containers != entry.containers {
+            entry.containers = containers;
+            write_status(client, node, key, entry).await;
+        }
+    }
+}
+
+/// This node's entry of the policy's `status.nodes`, by server-side apply.
+async fn write_status<K: PolicyResource>(
+    client: &Client,
+    node: &str,
+    key: &PolicyKey,
+    entry: &Applied<K>,
+) {
+    let status = NodePolicyStatus {
+        node: node.to_string(),
+        loaded: entry.error.is_none(),
+        error: entry.error.clone(),
+        containers: entry.containers,
+        observed_generation: entry.generation,
     };
     let patch = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
-        "status": {"nodes": [entry]},
+        "status": {"nodes": [status]},
     });
-    let api = obj.api_for(client.clone());
+    let api = entry.object.api_for(client.clone());
     let params = PatchParams::apply(&status_field_manager(node));
     if let Err(e) = api
-        .patch_status(&obj.name_any(), &params, &Patch::Apply(&patch))
+        .patch_status(&entry.object.name_any(), &params, &Patch::Apply(&patch))
         .await
     {
         tracing::warn!(policy = %key, error = %e, "writing this node's policy status failed");
@@ -169,24 +242,13 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+    use crate::agent::tests::{cgroup_root, fake_agent, TestCgroup};
     use crate::bpf::Mode;
-    use crate::state::tests::FakeMaps;
     use rthooks_policy::{NamespacedPolicySpec, PolicySpec};
     use rthooks_testkit::apiserver::{unavailable, TestApiServer};
 
     fn agent(dir: &std::path::Path) -> Arc<Agent> {
-        Arc::new(
-            Agent::new(
-                Box::new(FakeMaps::default()),
-                Mode::Sigkill,
-                "test".into(),
-                &dir.join("state"),
-                dir.to_path_buf(),
-                dir.join("policies"),
-                false,
-            )
-            .unwrap(),
-        )
+        fake_agent(dir, dir.to_path_buf(), Mode::Sigkill)
     }
 
     async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
@@ -199,6 +261,45 @@ mod tests {
             // Polling a condition with a deadline: the agent offers no notification.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// A test API server serving the policy CRDs, its audit log (this run's, named after
+    /// `test`, under target/) and a client.
+    async fn server_with_crds(test: &str) -> (TestApiServer, std::path::PathBuf, Client) {
+        let audit = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../target/tmp/apiserver-audit/{test}.log"));
+        let server = TestApiServer::start(&audit).await.unwrap();
+        server
+            .install_crds(&rthooks_policy::resources::crds())
+            .await
+            .unwrap();
+        let client = server.client().await.unwrap();
+        (server, audit, client)
+    }
+
+    /// The status writes on RuntimePolicy `name` in the audit log (by `node`'s field
+    /// manager, when given).
+    fn status_writes(audit: &std::path::Path, name: &str, node: Option<&str>) -> usize {
+        let manager = node.map(|n| {
+            format!(
+                "fieldManager={}",
+                status_field_manager(n).replace('/', "%2F")
+            )
+        });
+        rthooks_testkit::apiserver::read_audit_log(audit)
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r.verb == "patch"
+                    && r.resource == "runtimepolicies"
+                    && r.subresource == "status"
+                    && r.request_uri
+                        .contains(&format!("/runtimepolicies/{name}/status"))
+                    && manager
+                        .as_ref()
+                        .is_none_or(|m| r.request_uri.contains(m.as_str()))
+            })
+            .count()
     }
 
     fn kube_policies(agent: &Agent) -> Vec<(String, String)> {
@@ -216,16 +317,8 @@ mod tests {
             eprintln!("skipped: {why}");
             return;
         }
-        let audit = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/tmp/apiserver-audit/kube_policies.log");
-        // The log of this run only: the test counts the agents' requests in it.
-        let _ = std::fs::remove_file(&audit);
-        let server = TestApiServer::start(&audit).await.unwrap();
-        server
-            .install_crds(&rthooks_policy::resources::crds())
-            .await
-            .unwrap();
-        let client = server.client().await.unwrap();
+        // Each start of the server begins its log afresh: the test counts this run's requests.
+        let (_server, audit, client) = server_with_crds("kube_policies").await;
         let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
         let agents = [agent(dirs[0].path()), agent(dirs[1].path())];
         for (agent, node) in agents.iter().zip(["node-a", "node-b"]) {
@@ -322,18 +415,7 @@ mod tests {
             (at_2 == 2).then_some(())
         })
         .await;
-        let status_writes = |node: &str| {
-            std::fs::read_to_string(&audit)
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| {
-                    l.contains("\"stage\":\"ResponseComplete\"")
-                        && l.contains("\"verb\":\"patch\"")
-                        && l.contains("/runtimepolicies/deny-nc/status")
-                        && l.contains(&format!("rthooks-agent%2F{node}"))
-                })
-                .count()
-        };
+        let status_writes = |node: &str| status_writes(&audit, "deny-nc", Some(node));
         until("the status writes in the audit log", async || {
             (status_writes("node-a") >= 2 && status_writes("node-b") >= 2).then_some(())
         })
@@ -359,5 +441,60 @@ mod tests {
         assert_eq!(agents[0].gauges().map_binaries.0, 1);
         assert_eq!(agents[1].gauges().map_binaries.0, 0);
         assert_eq!(agents[0].list_policies().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_nodes_status_counts_the_containers_as_they_come_and_go() {
+        if let Some(why) = unavailable() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let Some(root) = cgroup_root() else {
+            return;
+        };
+        let (_server, audit, client) = server_with_crds("kube_policies_count").await;
+        let dir = tempfile::tempdir().unwrap();
+        let agent = fake_agent(dir.path(), root.clone(), Mode::Sigkill);
+        let refresh = Duration::from_millis(200);
+        spawn_with_refresh(client.clone(), "node-a", agent.clone(), refresh);
+        // No pod selector: every container.
+        let spec: PolicySpec =
+            rthooks_policy::yaml::from_str("rules: [{binaries: [/usr/bin/nc], action: Deny}]\n")
+                .unwrap();
+        let cluster: Api<RuntimePolicy> = Api::all(client.clone());
+        cluster
+            .create(&Default::default(), &RuntimePolicy::new("count-me", spec))
+            .await
+            .unwrap();
+        let count = async |n: u64| {
+            until(
+                &format!("node-a's status saying {n} containers"),
+                async || {
+                    let status = cluster.get("count-me").await.ok()?.status?;
+                    status
+                        .nodes
+                        .iter()
+                        .any(|s| s.node == "node-a" && s.containers == n)
+                        .then_some(())
+                },
+            )
+            .await
+        };
+        count(0).await;
+        let cgroup = TestCgroup::new(&root, "count");
+        agent
+            .register(&cgroup.request("count"), "hook", true)
+            .unwrap();
+        count(1).await;
+        assert!(agent.remove_container("count").unwrap());
+        count(0).await;
+        // Unchanged counts are not written again, however many refreshes passed: one
+        // write at the load, one per change.
+        let writes = || status_writes(&audit, "count-me", None);
+        until("the status writes in the audit log", async || {
+            (writes() >= 3).then_some(())
+        })
+        .await;
+        assert_eq!(writes(), 3);
     }
 }
