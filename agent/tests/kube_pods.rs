@@ -30,15 +30,7 @@ fn labels_come_from_this_nodes_pods_and_follow_them() {
     // A pod in the store: the registration takes its labels, not the pod's own claim.
     let uid = cluster.create_pod("shop", "web-0", NODE, json!({"app": "web"}));
     let web = Cgroup::new("rthooks-kpods-web");
-    wait_for(
-        "web-0 in the agent's store",
-        Duration::from_secs(30),
-        || {
-            agent
-                .runtime_hook(request(&web, "ctr-web", "shop", "web-0", &uid))
-                .ok()
-        },
-    );
+    register_once_listed(&agent, request(&web, "ctr-web", "shop", "web-0", &uid));
     assert_eq!(labels_of(&agent, "ctr-web"), app("web"));
     let (outcome, ran) = victim.run(&web, "absolute");
     assert!(agent.denied(&outcome) && !ran, "{outcome:?}");

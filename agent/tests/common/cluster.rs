@@ -254,6 +254,16 @@ pub fn signal(agent: &Agent, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(pid, signal).unwrap();
 }
 
+/// Registers `req` once its pod has reached the agent's store (until then the agent
+/// refuses it: the pod is not in the store).
+pub fn register_once_listed(agent: &Agent, req: CreateContainer) {
+    wait_for(
+        "the pod in the agent's store",
+        Duration::from_secs(30),
+        || agent.runtime_hook(req.clone()).ok(),
+    );
+}
+
 /// One RuntimeHook call on a connection and runtime of its own (from another thread).
 pub fn hook_call(socket: &str, req: CreateContainer) -> Result<(), tonic::Status> {
     use rthooks_api::tetragon::fine_guidance_sensors_client::FineGuidanceSensorsClient;
