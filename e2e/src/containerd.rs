@@ -23,13 +23,13 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use crate::cri::Cri;
+use crate::daemon::Daemon;
 use crate::debian::{self, Package};
 use crate::images;
 
@@ -151,19 +151,16 @@ impl Options {
     }
 }
 
-/// A running private containerd.
+/// A running private containerd (stopped, its leftovers cleaned up and its directory
+/// removed on drop).
 pub struct Containerd {
-    /// Everything lives here.
-    pub dir: tempfile::TempDir,
     /// Options it was started with.
     pub options: Options,
     /// Binaries.
     pub bins: Binaries,
-    child: Option<Child>,
+    daemon: Daemon,
     /// Image tarballs (and base names) imported once containerd is up.
     pending_images: Vec<(PathBuf, &'static str)>,
-    /// Pod cgroups created through [`Containerd::cri`] clients, removed on drop.
-    pod_cgroups: Arc<Mutex<Vec<String>>>,
 }
 
 impl Containerd {
@@ -191,18 +188,23 @@ impl Containerd {
         } else {
             (None, None)
         };
-        // Short paths: UNIX socket paths are limited to 108 bytes. containerd's root must
-        // allow overlayfs (in a VM guest: a tmpfs), hence RTHOOKS_TMP.
-        let base =
-            std::env::var_os("RTHOOKS_TMP").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-        let dir = tempfile::Builder::new().prefix("rthd-").tempdir_in(base)?;
+        let mut daemon = Daemon::new("containerd", "rthd-", "containerd-shim")?;
+        let path = format!(
+            "{}:{}",
+            bins.bin_dir.display(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+        );
+        let config = daemon.dir().join("config.toml");
+        daemon.set_command(
+            &bins.containerd,
+            &["--config".as_ref(), config.as_os_str()],
+            &[("PATH", &path)],
+        );
         let mut c = Containerd {
-            dir,
             options: options.clone(),
             bins,
-            child: None,
+            daemon,
             pending_images: Vec::new(),
-            pod_cgroups: Arc::default(),
         };
         for d in [
             "root",
@@ -210,20 +212,16 @@ impl Containerd {
             "runc",
             "cni/bin",
             "cni/conf",
-            "logs",
             "nri-plugins",
             "nri-conf",
         ] {
-            fs::create_dir_all(c.dir.path().join(d))?;
+            fs::create_dir_all(c.dir().join(d))?;
         }
         for p in &options.prelaunched {
             let file = format!("{}-{}", p.idx, p.name);
-            std::os::unix::fs::symlink(&p.binary, c.dir.path().join("nri-plugins").join(&file))?;
+            std::os::unix::fs::symlink(&p.binary, c.dir().join("nri-plugins").join(&file))?;
             if let Some(conf) = &p.config {
-                fs::write(
-                    c.dir.path().join("nri-conf").join(format!("{file}.conf")),
-                    conf,
-                )?;
+                fs::write(c.dir().join("nri-conf").join(format!("{file}.conf")), conf)?;
             }
         }
         fs::write(c.config_path(), c.config_toml())?;
@@ -237,7 +235,7 @@ impl Containerd {
 
     /// Starts a [`Containerd::prepare`]d containerd and imports the images.
     pub async fn launch(&mut self) -> Result<()> {
-        self.spawn()?;
+        self.daemon.start()?;
         self.wait_up().await?;
         for (tar, base) in std::mem::take(&mut self.pending_images) {
             self.import(&tar, base)?;
@@ -245,34 +243,39 @@ impl Containerd {
         Ok(())
     }
 
+    /// Everything lives here (a temporary directory).
+    pub fn dir(&self) -> &Path {
+        self.daemon.dir()
+    }
+
     /// containerd's gRPC (CRI) socket.
     pub fn socket(&self) -> PathBuf {
-        self.dir.path().join("containerd.sock")
+        self.daemon.socket()
     }
 
     /// The NRI socket plugins connect to.
     pub fn nri_socket(&self) -> PathBuf {
-        self.dir.path().join("nri.sock")
+        self.dir().join("nri.sock")
     }
 
     /// The config file.
     pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("config.toml")
+        self.dir().join("config.toml")
     }
 
     /// containerd's log file.
     pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("containerd.log")
+        self.daemon.log_path()
     }
 
     /// The directory pods log to.
     pub fn pod_log_root(&self) -> PathBuf {
-        self.dir.path().join("logs")
+        self.daemon.pod_log_root()
     }
 
     /// The config for this release (1.7 and 2.x name the CRI settings differently).
     pub fn config_toml(&self) -> String {
-        let d = self.dir.path().display();
+        let d = self.dir().display();
         let runc = runc();
         let runc = runc.display();
         let nri = format!(
@@ -363,49 +366,16 @@ state = "{d}/state"
         }
     }
 
-    fn spawn(&mut self) -> Result<()> {
-        let path = format!(
-            "{}:{}",
-            self.bins.bin_dir.display(),
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
-        );
-        let child = crate::daemon::spawn_logged(
-            Command::new(&self.bins.containerd)
-                .arg("--config")
-                .arg(self.config_path())
-                .env("PATH", path),
-            &self.log_path(),
-        )?;
-        self.child = Some(child);
-        Ok(())
-    }
-
     async fn wait_up(&mut self) -> Result<()> {
-        // Stretched in VM guests: containerd 1.7 on 5.10 under TCG needs 20–30 s to start.
-        let deadline = Instant::now() + crate::timing::secs(30);
-        let (socket, log) = (self.socket(), self.log_path());
-        crate::daemon::wait_for_socket(&mut self.child, &socket, deadline, &log)
-            .await
-            .context("containerd")?;
-        // The socket file exists from bind(); connections are refused until listen().
-        let mut cri = loop {
-            match self.cri().await {
-                Ok(cri) => break cri,
-                Err(e) if Instant::now() > deadline => return Err(e.context(self.log_tail(40))),
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
-        cri.wait_ready(Duration::from_secs(30))
-            .await
-            .with_context(|| self.log_tail(40))?;
-        Ok(())
+        // Stretched in VM guests: containerd 1.7 on 5.10 under TCG needs 20–30 s to start;
+        // then up to 30 s more until it reports ready.
+        let deadline = Instant::now() + crate::timing::secs(30) + Duration::from_secs(30);
+        self.daemon.wait_ready(deadline).await
     }
 
     /// A CRI client for this containerd.
     pub async fn cri(&self) -> Result<Cri> {
-        Ok(Cri::connect(&self.socket(), &self.pod_log_root())
-            .await?
-            .tracking(self.pod_cgroups.clone()))
+        self.daemon.cri().await
     }
 
     /// `ctr -n k8s.io image import --base-name <base> <tar>` (tag from the layout: `1`).
@@ -428,29 +398,18 @@ state = "{d}/state"
 
     /// The last `n` lines of containerd's log.
     pub fn log_tail(&self, n: usize) -> String {
-        crate::daemon::log_tail(&self.log_path(), n)
+        self.daemon.log_tail(n)
     }
 
     /// Stops containerd (SIGTERM, then SIGKILL after 10 s). Containers keep running in
     /// their shims, as on a real node.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            crate::daemon::terminate(&mut child);
-        }
+        self.daemon.stop();
     }
 
     /// Stops and starts containerd again with the same root, state and sockets.
     pub async fn restart(&mut self) -> Result<()> {
-        self.stop();
-        let _ = fs::remove_file(self.socket());
-        self.spawn()?;
+        self.daemon.restart()?;
         self.wait_up().await
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        self.stop();
-        crate::daemon::tear_down(&self.pod_cgroups, self.dir.path(), "containerd-shim");
     }
 }

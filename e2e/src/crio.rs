@@ -11,13 +11,13 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
 use crate::cri::Cri;
+use crate::daemon::Daemon;
 use crate::debian::run;
 use crate::images;
 
@@ -119,17 +119,14 @@ impl Options {
     }
 }
 
-/// A private CRI-O, prepared (config written, images imported) or running.
+/// A private CRI-O, prepared (config written, images imported) or running (stopped, its
+/// leftovers cleaned up and its directory removed on drop).
 pub struct Crio {
-    /// Everything lives here.
-    pub dir: tempfile::TempDir,
     /// Options it was prepared with.
     pub options: Options,
     /// Binaries.
     pub bins: Binaries,
-    child: Option<Child>,
-    /// Pod cgroups created through [`Crio::cri`] clients, removed on drop.
-    pod_cgroups: Arc<Mutex<Vec<String>>>,
+    daemon: Daemon,
 }
 
 impl Crio {
@@ -141,17 +138,22 @@ impl Crio {
             Ok((images::pause_tar()?, images::busybox_tar()?))
         })
         .await??;
-        // Short paths: UNIX socket paths are limited to 108 bytes; the store must be on a
-        // file system of the guest's own (tmpfs), hence RTHOOKS_TMP.
-        let base =
-            std::env::var_os("RTHOOKS_TMP").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-        let dir = tempfile::Builder::new().prefix("rthc-").tempdir_in(base)?;
+        let mut daemon = Daemon::new("crio", "rthc-", "conmon")?;
+        let (config, config_dir) = (daemon.dir().join("crio.conf"), daemon.dir().join("conf.d"));
+        daemon.set_command(
+            &bins.crio,
+            &[
+                "--config".as_ref(),
+                config.as_os_str(),
+                "--config-dir".as_ref(),
+                config_dir.as_os_str(),
+            ],
+            &[],
+        );
         let c = Crio {
-            dir,
             options: options.clone(),
             bins,
-            child: None,
-            pod_cgroups: Arc::default(),
+            daemon,
         };
         for d in [
             "root",
@@ -160,7 +162,6 @@ impl Crio {
             "hooks.d",
             "conf.d",
             "cni",
-            "logs",
             "ns",
             "attach",
             "exits",
@@ -168,17 +169,14 @@ impl Crio {
             "nri-conf",
             "podman-tmp",
         ] {
-            fs::create_dir_all(c.dir.path().join(d))?;
+            fs::create_dir_all(c.dir().join(d))?;
         }
         fs::write(
             c.policy_path(),
             r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
         )?;
         let runtime = options.runtime.binary()?;
-        let wrapper = c
-            .dir
-            .path()
-            .join(format!("{}-wrapper", options.runtime.name()));
+        let wrapper = c.dir().join(format!("{}-wrapper", options.runtime.name()));
         fs::write(
             &wrapper,
             runtime_wrapper(&runtime, options.runtime.spec_version()),
@@ -192,47 +190,52 @@ impl Crio {
 
     /// Starts a [`Crio::prepare`]d CRI-O and waits until it reports RuntimeReady.
     pub async fn launch(&mut self) -> Result<()> {
-        self.spawn()?;
+        self.daemon.start()?;
         self.wait_up().await
+    }
+
+    /// Everything lives here (a temporary directory).
+    pub fn dir(&self) -> &Path {
+        self.daemon.dir()
     }
 
     /// CRI-O's CRI socket.
     pub fn socket(&self) -> PathBuf {
-        self.dir.path().join("crio.sock")
+        self.daemon.socket()
     }
 
     /// The NRI socket plugins connect to.
     pub fn nri_socket(&self) -> PathBuf {
-        self.dir.path().join("nri.sock")
+        self.dir().join("nri.sock")
     }
 
     /// The hooks.d directory CRI-O reads.
     pub fn hooks_dir(&self) -> PathBuf {
-        self.dir.path().join("hooks.d")
+        self.dir().join("hooks.d")
     }
 
     /// The config file.
     pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("crio.conf")
+        self.dir().join("crio.conf")
     }
 
     /// CRI-O's log file.
     pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("crio.log")
+        self.daemon.log_path()
     }
 
     /// The directory pods log to.
     pub fn pod_log_root(&self) -> PathBuf {
-        self.dir.path().join("logs")
+        self.daemon.pod_log_root()
     }
 
     fn policy_path(&self) -> PathBuf {
-        self.dir.path().join("policy.json")
+        self.dir().join("policy.json")
     }
 
     /// The config: only what differs from CRI-O's defaults, every path in the temp dir.
     fn config_toml(&self, runtime: &Path) -> String {
-        let d = self.dir.path().display();
+        let d = self.dir().display();
         let name = self.options.runtime.name();
         format!(
             r#"[crio]
@@ -294,7 +297,7 @@ nri_plugin_request_timeout = "{request_timeout}s"
     /// Imports an OCI layout tarball (tag `1`) into CRI-O's store as `name`, with podman
     /// on the same store (CRI-O has no import of its own and no registry is reachable).
     fn import(&self, tar: &Path, name: &str) -> Result<()> {
-        let d = self.dir.path();
+        let d = self.dir();
         let podman = |args: &[&str]| {
             let mut cmd = Command::new(podman());
             cmd.arg("--root")
@@ -333,87 +336,32 @@ nri_plugin_request_timeout = "{request_timeout}s"
             .with_context(|| format!("podman untag {name}'s archive name"))
     }
 
-    fn spawn(&mut self) -> Result<()> {
-        let child = crate::daemon::spawn_logged(
-            Command::new(&self.bins.crio)
-                .arg("--config")
-                .arg(self.config_path())
-                .arg("--config-dir")
-                .arg(self.dir.path().join("conf.d")),
-            &self.log_path(),
-        )?;
-        self.child = Some(child);
-        Ok(())
-    }
-
     async fn wait_up(&mut self) -> Result<()> {
         let deadline = Instant::now() + crate::timing::secs(30);
-        let (socket, log) = (self.socket(), self.log_path());
-        crate::daemon::wait_for_socket(&mut self.child, &socket, deadline, &log)
-            .await
-            .context("crio")?;
-        // Ready is asked in short rounds: a CRI-O that exits after opening its socket
-        // (a fatal configuration error) is reported at once, with its log.
-        // The socket file exists from bind(); connections are refused until listen().
-        let mut cri = loop {
-            match self.cri().await {
-                Ok(cri) => break cri,
-                Err(e) if Instant::now() > deadline => return Err(e.context(self.log_tail(40))),
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
-        loop {
-            if let Some(st) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("crio exited ({st}):\n{}", self.log_tail(40));
-            }
-            match cri.wait_ready(Duration::from_secs(1)).await {
-                Ok(()) => return Ok(()),
-                Err(e) if Instant::now() > deadline => {
-                    return Err(e.context(self.log_tail(40)));
-                }
-                Err(_) => {}
-            }
-        }
+        self.daemon.wait_ready(deadline).await
     }
 
     /// A CRI client for this CRI-O.
     pub async fn cri(&self) -> Result<Cri> {
-        Ok(Cri::connect(&self.socket(), &self.pod_log_root())
-            .await?
-            .tracking(self.pod_cgroups.clone()))
+        self.daemon.cri().await
     }
 
     /// The last `n` lines of CRI-O's log.
     pub fn log_tail(&self, n: usize) -> String {
-        crate::daemon::log_tail(&self.log_path(), n)
+        self.daemon.log_tail(n)
     }
 
     /// Stops CRI-O (SIGTERM, then SIGKILL after 10 s). Containers keep running under
     /// their conmon, as on a real node.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            crate::daemon::terminate(&mut child);
-        }
+        self.daemon.stop();
     }
 
     /// Stops and starts CRI-O again with the same store, state and sockets (it reads its
     /// hooks directory again).
     pub async fn restart(&mut self) -> Result<()> {
-        self.stop();
-        let _ = fs::remove_file(self.socket());
-        self.spawn()?;
+        self.daemon.restart()?;
         self.wait_up().await
-    }
-}
-
-impl Drop for Crio {
-    fn drop(&mut self) {
-        self.stop();
-        crate::daemon::tear_down(&self.pod_cgroups, self.dir.path(), "conmon");
     }
 }
 

@@ -88,7 +88,7 @@ async fn dropping_the_harness_cleans_up() {
         return;
     }
     let ctrd = Containerd::start(Release::V2_1).await.unwrap();
-    let dir = ctrd.dir.path().to_path_buf();
+    let dir = ctrd.dir().to_path_buf();
     let mut cri = ctrd.cri().await.unwrap();
     let pod = cri.run_pod(&PodSpec::new("leak", "default")).await.unwrap();
     let id = cri

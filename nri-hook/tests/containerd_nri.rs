@@ -470,7 +470,7 @@ async fn prelaunched_by(release: Release) {
         config: Some(config.to_string()),
     });
     let mut ctrd = Containerd::start_with(opts).await.expect("containerd");
-    let plugin_dir = ctrd.dir.path().join("nri-plugins");
+    let plugin_dir = ctrd.dir().join("nri-plugins");
     eventually(
         "pre-launched plugin running",
         Duration::from_secs(10),
