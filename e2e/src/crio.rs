@@ -16,9 +16,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use crate::command::run;
 use crate::cri::Cri;
 use crate::daemon::Daemon;
-use crate::debian::run;
 use crate::images;
 
 /// The environment variable naming the directory with CRI-O's binaries.

@@ -9,7 +9,10 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::debian::{self, run, FileLock, Package};
+use rthooks_testkit::cache_dir;
+use rthooks_testkit::debian::{self, CacheLock, Package};
+
+use crate::command::run;
 
 /// The sandbox image name the containerd configs pin.
 pub const PAUSE_IMAGE: &str = "localhost/pause:1";
@@ -91,12 +94,12 @@ fn pack(out: &Path, files: &[(&str, String)], entrypoint: &[&str], cmd: &[&str])
 
 /// The pause image tarball (built once).
 pub fn pause_tar() -> Result<PathBuf> {
-    let dir = debian::cache_dir().join("images");
+    let dir = cache_dir().join("images");
     let out = dir.join("pause.tar");
     if out.exists() {
         return Ok(out);
     }
-    let _lock = FileLock::acquire(&dir.join("build.lock"))?;
+    let _lock = CacheLock::at(&dir.join("build.lock"), "another image build")?;
     if out.exists() {
         return Ok(out);
     }
@@ -119,13 +122,13 @@ pub fn pause_tar() -> Result<PathBuf> {
 
 /// The busybox image tarball (built once).
 pub fn busybox_tar() -> Result<PathBuf> {
-    let dir = debian::cache_dir().join("images");
+    let dir = cache_dir().join("images");
     let out = dir.join("busybox.tar");
     if out.exists() {
         return Ok(out);
     }
     let root = debian::unpacked(&BUSYBOX_STATIC)?;
-    let _lock = FileLock::acquire(&dir.join("build.lock"))?;
+    let _lock = CacheLock::at(&dir.join("build.lock"), "another image build")?;
     if out.exists() {
         return Ok(out);
     }

@@ -360,7 +360,7 @@ impl Stack {
         for f in self.hook_flags() {
             cmd.arg(format!("--hook-arg={f}"));
         }
-        crate::debian::run(&mut cmd).context("install containerd-base-spec")
+        crate::command::run(&mut cmd).context("install containerd-base-spec")
     }
 
     fn install_hooks_d(&self) -> Result<()> {
@@ -390,7 +390,7 @@ impl Stack {
                 cmd.arg(format!("--hook-arg={f}"));
             }
         }
-        crate::debian::run(&mut cmd).with_context(|| format!("rthooks-setup {action} hooks-d"))
+        crate::command::run(&mut cmd).with_context(|| format!("rthooks-setup {action} hooks-d"))
     }
 
     /// The events file the agent writes (JSON lines).

@@ -32,6 +32,7 @@ use nix::unistd::Pid;
 pub mod apiserver;
 #[cfg(feature = "client")]
 mod client;
+pub mod debian;
 
 /// How long [`AgentSpec::start`] waits for the socket (a cold BPF load on a busy 2-core
 /// machine takes seconds).

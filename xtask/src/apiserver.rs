@@ -24,7 +24,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::util::{cache_dir, run};
-use crate::vm::fetch::{self, Apt, FetchStats};
+use rthooks_testkit::debian::{self, Apt, FetchStats};
 
 /// What the build needs from sid: the server's source (which depends on every Go package
 /// it imports), Debian's default Go toolchain, and etcd.
@@ -49,7 +49,7 @@ pub fn ensure() -> Result<()> {
         return Ok(());
     }
     let start = Instant::now();
-    let _lock = fetch::CacheLock::acquire()?;
+    let _lock = debian::CacheLock::acquire()?;
     let apt = Apt::new(&crate::vm::config()?.suites())?;
     let wanted: Vec<(String, String)> = apt
         .depends_closure(ROOTS, SUITE)?
@@ -65,7 +65,7 @@ pub fn ensure() -> Result<()> {
         .map(|p| format!("{}\n", p.file_name().unwrap().to_string_lossy()))
         .collect();
     let root = cache_dir().join("apiserver/root");
-    fetch::unpack(&files, &root)?;
+    debian::unpack(&files, &root)?;
     eprintln!(
         "setup: test API server sources: {} packages from {SUITE} ({:.0} MB, {:.0} MB downloaded)",
         debs.len(),

@@ -82,7 +82,8 @@ fn unpacked(tarball: &Path) -> Result<PathBuf> {
         return Ok(dir);
     }
     std::fs::create_dir_all(&root)?;
-    let _lock = super::fetch::CacheLock::at(&root.join(".lock"), "another unpack of CRI-O")?;
+    let _lock =
+        rthooks_testkit::debian::CacheLock::at(&root.join(".lock"), "another unpack of CRI-O")?;
     if complete(&dir) {
         return Ok(dir);
     }

@@ -2,11 +2,10 @@
 //! and the kernel × scenario compatibility matrix.
 //!
 //! Layout of the cache (`util::cache_dir()`): `apt/` private apt state, `debs/` verified
-//! package files, `kernels/<package>/` unpacked kernels with their `initramfs.cpio.gz`,
+//! package files (both through `rthooks_testkit::debian`, the fetcher the e2e crate uses too), `kernels/<package>/` unpacked kernels with their `initramfs.cpio.gz`,
 //! `userland/<name>/` unpacked guest userland. Guests see all of it, and the workspace,
 //! at the same paths through the read-only host root share.
 pub mod crio;
-pub mod fetch;
 pub mod initramfs;
 pub mod kernels;
 pub mod matrix;
@@ -19,8 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::util::{cache_dir, target_dir, workspace_root, TestBinary};
-use fetch::{Apt, FetchStats};
 use kernels::{Config, Kernel};
+use rthooks_testkit::debian::{self, Apt, FetchStats};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Select {
@@ -164,7 +163,7 @@ pub fn prepare(
     kernel_dirs: &[PathBuf],
     stats: &mut FetchStats,
 ) -> Result<Vec<Prepared>> {
-    let _lock = fetch::CacheLock::acquire()?;
+    let _lock = debian::CacheLock::acquire()?;
     let apt = Apt::new(&config.suites())?;
     for u in &config.userland {
         let wanted: Vec<(String, String)> = u
@@ -186,7 +185,7 @@ pub fn prepare(
             }
         }
         let files = apt.fetch(&debs, stats)?;
-        if fetch::unpack(&files, &userland_dir(&u.name))? {
+        if debian::unpack(&files, &userland_dir(&u.name))? {
             eprintln!(
                 "vm: unpacked userland {} ({})",
                 u.name,
@@ -213,7 +212,7 @@ pub fn prepare(
         let debs = apt.resolve(&wanted)?;
         let files = apt.fetch(&debs, stats)?;
         let dir = cache_dir().join("kernels").join(&k.packages[0]);
-        if fetch::unpack(&files, &dir)? {
+        if debian::unpack(&files, &dir)? {
             eprintln!("vm: unpacked kernel {}", k.packages.join(" + "));
         }
         let tree = initramfs::KernelTree::find(&dir)?;
@@ -311,7 +310,7 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
     // lock serialises runs that do share one.
     let out_dir = target_dir().join("e2e");
     std::fs::create_dir_all(&out_dir)?;
-    let _lock = fetch::CacheLock::at(
+    let _lock = debian::CacheLock::at(
         &out_dir.join(".lock"),
         "another cargo xtask e2e uses this directory",
     )?;
@@ -659,6 +658,8 @@ fn job_script(
         ("RTHOOKS_RESULTS_DIR", "/run/rthooks-vm/results".to_string()),
         ("RTHOOKS_BIN_DIR", bin_dir(args).display().to_string()),
         ("RTHOOKS_WORKSPACE", ws.display().to_string()),
+        // The guest's HOME is not ours: the tests it runs find the cache by this.
+        ("RTHOOKS_CACHE", cache_dir().display().to_string()),
         (
             "RTHOOKS_CRIO_DIR",
             args.crio_dir
