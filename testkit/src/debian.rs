@@ -778,8 +778,8 @@ pub fn pick_mirrors(entries: &[(String, Vec<String>)]) -> (Option<String>, Optio
 
 /// The private sources list: `suites` from `main`, `*-security` ones from `security`.
 pub fn sources_list(main: &str, security: &str, suites: &[String]) -> String {
-    let mut out =
-        String::from("# Written by rthooks' Debian fetcher from the host's apt sources.\n");
+    // This text is also the lists' stamp: any change to it refreshes every cache's lists.
+    let mut out = String::from("# Written by cargo xtask vm from the host's apt sources.\n");
     for suite in suites {
         let uri = if suite.ends_with("-security") {
             security
