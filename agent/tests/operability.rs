@@ -238,3 +238,50 @@ fn sigterm_ends_the_agent_despite_open_event_streams_and_keeps_the_pins() {
         "pins removed"
     );
 }
+
+#[test]
+fn debug_maps_reads_the_pinned_maps_with_the_agent_down() {
+    if !kernel_tests_possible() {
+        return;
+    }
+    let mut agent = Agent::start(&["--trust-label-annotation"]);
+    let victim = Victim::new();
+    let policy_file = victim.dir.path().join("p.yaml");
+    std::fs::write(
+        &policy_file,
+        policy_yaml("deny-victim", "web", &victim.path, "Deny"),
+    )
+    .unwrap();
+    rthooksctl(&agent, &["policies", "add", policy_file.to_str().unwrap()]);
+    let pod = Cgroup::new("rthooks-maps");
+    agent
+        .runtime_hook(hook_request(&pod, "c-maps", r#"{"app":"web"}"#))
+        .unwrap();
+    // What the pinned programs go on enforcing once the agent is gone.
+    let status = agent
+        .terminate(Duration::from_secs(30))
+        .expect("agent still running 30 s after SIGTERM");
+    assert!(status.success(), "{status}\n{}", agent.log());
+    let pins = agent.pin_dir.to_str().unwrap().to_string();
+    let debug_maps = |output| {
+        rthooksctl(
+            &agent,
+            &["-o", output, "debug", "maps", "--bpf-pin-dir", &pins],
+        )
+    };
+    let maps: serde_json::Value = serde_json::from_str(&debug_maps("json")).unwrap();
+    assert_eq!(
+        maps["containers"],
+        serde_json::json!([{"cgroup_id": pod.id(), "policy_slots": [0]}]),
+        "{maps}"
+    );
+    // The policy's one binary (under each path the agent hashes it by): deny in slot 0.
+    let binaries = maps["binaries"].as_array().unwrap();
+    assert!(!binaries.is_empty(), "{maps}");
+    for b in binaries {
+        assert_eq!(b["deny"], serde_json::json!([0]), "{maps}");
+        assert_eq!(b["kill"], serde_json::json!([]), "{maps}");
+    }
+    assert_ne!(maps["cgroup_levels"], 0, "{maps}");
+    assert!(debug_maps("table").contains(&format!("{} ", pod.id())));
+}

@@ -127,12 +127,11 @@ pub fn busybox_tar() -> Result<PathBuf> {
     if out.exists() {
         return Ok(out);
     }
-    let root = debian::unpacked(&BUSYBOX_STATIC)?;
+    let bb = busybox_binary()?;
     let _lock = CacheLock::at(&dir.join("build.lock"), "another image build")?;
     if out.exists() {
         return Ok(out);
     }
-    let bb = debian::find_file(&root, "busybox").context("busybox not in busybox-static")?;
     let mut files = vec![("/bin/busybox", bb.display().to_string())];
     let links: Vec<String> = APPLETS.iter().map(|a| format!("/bin/{a}")).collect();
     for l in &links {
@@ -140,4 +139,11 @@ pub fn busybox_tar() -> Result<PathBuf> {
     }
     pack(&out, &files, &[], &["/bin/sh"])?;
     Ok(out)
+}
+
+/// The static busybox (Debian's `busybox-static`, unpacked once) every test image and
+/// rootfs is made of.
+pub fn busybox_binary() -> Result<PathBuf> {
+    let root = debian::unpacked(&BUSYBOX_STATIC)?;
+    debian::find_file(&root, "busybox").context("busybox not in busybox-static")
 }

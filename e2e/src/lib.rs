@@ -6,6 +6,7 @@
 //! * [`images`]: locally built `localhost/pause:1` and `localhost/busybox:1` OCI tarballs.
 //! * [`containerd`]: a private containerd (1.7.24 or 2.1.9) with NRI, in a temp dir.
 //! * [`crio`]: a private CRI-O (the binaries of `RTHOOKS_CRIO_DIR`), runc or crun, in a temp dir.
+//! * [`oci`]: runc/crun bundles and podman with the hook, without CRI.
 //! * [`cri`]: a CRI v1 client doing what kubelet does (pods, containers, cleanup).
 //! * [`stack`]: containerd or CRI-O + `rthooks-agent` + `rthooks-oci-hook`, put in by
 //!   `rthooks-nri-hook`, containerd's base spec or CRI-O's hooks.d.
@@ -20,6 +21,7 @@ pub mod crio;
 mod daemon;
 pub mod demo;
 pub mod images;
+pub mod oci;
 pub mod scenarios;
 pub mod stack;
 pub mod timing;

@@ -2,8 +2,9 @@
 //!
 //! * `prefetch` (on the host, before the guests boot: they have no network and a read-only
 //!   cache): fetches both containerd releases and builds the test images.
-//! * `guest --results FILE`: runs the CRI scenarios with the whole stack against both
-//!   containerd releases and appends result lines to FILE.
+//! * `guest --results FILE`: runs the suite's one scenario set (the node, the hook without
+//!   CRI on runc, crun and podman, the whole stack on containerd and CRI-O) and appends
+//!   the plan and one result line per scenario to FILE.
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -29,7 +30,7 @@ enum Cmd {
         #[arg(long, env = "RTHOOKS_BIN_DIR")]
         bin_dir: Option<PathBuf>,
     },
-    /// Run the CRI scenarios (needs root) and append JSON result lines.
+    /// Run the scenarios (needs root) and append JSON result lines.
     Guest {
         /// The results file (JSON lines).
         #[arg(long)]

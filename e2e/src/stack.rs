@@ -1,7 +1,8 @@
-//! The whole rthooks node stack on a private containerd or CRI-O: `rthooks-agent` (own pin
-//! directory, policy directory and events file), and the real `rthooks-oci-hook` put into
-//! containers by `rthooks-nri-hook` registered with the runtime's NRI, by containerd's
-//! base spec, or by CRI-O's hooks.d. Binaries come from a build directory
+//! The whole rthooks node stack on a private containerd, CRI-O, or an OCI runtime without
+//! CRI (runc/crun bundles, podman): `rthooks-agent` (own pin directory, policy directory
+//! and events file), and the real `rthooks-oci-hook` put into containers by
+//! `rthooks-nri-hook` registered with the runtime's NRI, by containerd's base spec, by
+//! hooks.d (CRI-O, podman), or by the bundle's `config.json`. Binaries come from a build directory
 //! (`target/debug`, or `RTHOOKS_BIN_DIR` in the VM guests).
 
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use crate::containerd::{Containerd, Options, Release};
 use crate::cri::Cri;
 use crate::crio::Crio;
+use crate::oci::{Engine, HookCommand, OciNode};
 use crate::timing::wait_until;
 
 /// How the hook gets into containers.
@@ -23,9 +25,11 @@ pub enum HookPath {
     /// containerd's `base_runtime_spec` carries it, as `rthooks-setup install
     /// containerd-base-spec` sets up; NRI off, no plugin.
     BaseSpec,
-    /// CRI-O reads it from hooks.d, as `rthooks-setup install hooks-d` writes it; NRI off,
-    /// no plugin.
+    /// CRI-O or podman reads it from hooks.d, as `rthooks-setup install hooks-d` writes
+    /// it; NRI off, no plugin.
     HooksD,
+    /// The bundle's `config.json` names it (runc, crun run by whatever wrote the bundle).
+    Bundle,
 }
 
 impl HookPath {
@@ -41,6 +45,8 @@ pub enum Runtime {
     Containerd(Containerd),
     /// CRI-O.
     Crio(Crio),
+    /// An OCI runtime without CRI.
+    Oci(OciNode),
 }
 
 /// How to prepare the runtime of a stack.
@@ -50,6 +56,8 @@ pub enum RuntimeOptions {
     Containerd(Options),
     /// CRI-O with these binaries.
     Crio(crate::crio::Binaries, crate::crio::Options),
+    /// runc/crun bundles or podman, without CRI (no NRI).
+    Oci(Engine),
 }
 
 impl Runtime {
@@ -63,6 +71,7 @@ impl Runtime {
                 o.nri = nri;
                 Runtime::Crio(Crio::prepare(bins, o).await?)
             }
+            RuntimeOptions::Oci(engine) => Runtime::Oci(OciNode::prepare(engine).await?),
         })
     }
 
@@ -70,6 +79,8 @@ impl Runtime {
         match self {
             Runtime::Containerd(c) => c.launch().await,
             Runtime::Crio(c) => c.launch().await,
+            // Each container is its own runtime process.
+            Runtime::Oci(_) => Ok(()),
         }
     }
 
@@ -78,6 +89,7 @@ impl Runtime {
         match self {
             Runtime::Containerd(c) => c.cri().await,
             Runtime::Crio(c) => c.cri().await,
+            Runtime::Oci(n) => bail!("{} has no CRI", n.engine.name()),
         }
     }
 
@@ -86,6 +98,7 @@ impl Runtime {
         match self {
             Runtime::Containerd(c) => c.restart().await,
             Runtime::Crio(c) => c.restart().await,
+            Runtime::Oci(n) => bail!("{} has no daemon to restart", n.engine.name()),
         }
     }
 
@@ -94,14 +107,16 @@ impl Runtime {
         match self {
             Runtime::Containerd(c) => c.log_path(),
             Runtime::Crio(c) => c.log_path(),
+            Runtime::Oci(n) => n.log_path(),
         }
     }
 
-    /// The NRI socket plugins connect to.
+    /// The NRI socket plugins connect to (none listens without CRI).
     pub fn nri_socket(&self) -> PathBuf {
         match self {
             Runtime::Containerd(c) => c.nri_socket(),
             Runtime::Crio(c) => c.nri_socket(),
+            Runtime::Oci(n) => n.dir.path().join("no-nri.sock"),
         }
     }
 
@@ -109,16 +124,26 @@ impl Runtime {
     /// (containerd), `crio-<id>` (CRI-O).
     pub fn cgroup_leaf(&self, id: &str) -> String {
         match self {
-            Runtime::Containerd(_) => id.to_string(),
+            Runtime::Containerd(_) | Runtime::Oci(_) => id.to_string(),
             Runtime::Crio(_) => format!("crio-{id}"),
         }
     }
 
-    /// `containerd` or `crio` (log file names).
+    /// `containerd`, `crio`, `runc`, `crun` or `podman` (log file names).
     pub fn name(&self) -> &'static str {
         match self {
             Runtime::Containerd(_) => "containerd",
             Runtime::Crio(_) => "crio",
+            Runtime::Oci(n) => n.engine.name(),
+        }
+    }
+
+    /// The hooks.d directory the runtime reads (CRI-O, podman).
+    fn hooks_dir(&self) -> Result<PathBuf> {
+        match self {
+            Runtime::Crio(c) => Ok(c.hooks_dir()),
+            Runtime::Oci(n) if n.engine == Engine::Podman => Ok(n.hooks_dir()),
+            _ => bail!("{} reads no hooks.d", self.name()),
         }
     }
 }
@@ -272,6 +297,17 @@ impl Stack {
         match path {
             HookPath::BaseSpec => stack.install_base_spec()?,
             HookPath::HooksD => stack.install_hooks_d()?,
+            HookPath::Bundle => {
+                let hook = HookCommand {
+                    path: stack.bins.hook.clone(),
+                    args: stack.hook_flags().to_vec(),
+                    timeout: crate::timing::secs(5).as_secs(),
+                };
+                let Runtime::Oci(node) = &mut stack.runtime else {
+                    bail!("a hook in the bundle needs runc or crun without CRI");
+                };
+                node.hook = Some(hook);
+            }
             HookPath::Nri => {}
         }
         stack.runtime.launch().await?;
@@ -294,8 +330,8 @@ impl Stack {
                 self.runtime.restart().await?;
                 *cri = self.runtime.cri().await?;
             }
-            HookPath::BaseSpec => {
-                bail!("the base spec cannot be taken away from a running containerd")
+            HookPath::BaseSpec | HookPath::Bundle => {
+                bail!("the base spec or a bundle's hook cannot be taken away")
             }
         }
         self.hooks_on = false;
@@ -367,16 +403,14 @@ impl Stack {
         self.setup_hooks_d("install")
     }
 
-    /// The real installer, `rthooks-setup install|uninstall hooks-d`, on CRI-O's hooks
-    /// directory; the hook is copied into the scratch dir.
+    /// The real installer, `rthooks-setup install|uninstall hooks-d`, on the runtime's
+    /// hooks directory (CRI-O's, podman's); the hook is copied into the scratch dir.
     fn setup_hooks_d(&self, action: &str) -> Result<()> {
-        let Runtime::Crio(crio) = &self.runtime else {
-            bail!("hooks.d needs CRI-O");
-        };
+        let hooks_dir = self.runtime.hooks_dir()?;
         let d = self.dir.path();
         let mut cmd = Command::new(&self.bins.setup);
         cmd.args([action, "hooks-d", "--hooks-dir"])
-            .arg(crio.hooks_dir())
+            .arg(hooks_dir)
             .arg("--install-dir")
             .arg(d.join("opt"))
             .arg("--state-dir")
@@ -403,20 +437,12 @@ impl Stack {
         let d = self.dir.path();
         let sock = d.join("agent.sock");
         let _ = std::fs::remove_file(&sock);
-        let proc = Proc::spawn(
-            Command::new(&self.bins.agent)
-                .arg("--grpc-address")
-                .arg(&self.address)
-                .arg("--bpf-pin-dir")
-                .arg(&self.pin_dir)
-                .arg("--policy-dir")
-                .arg(d.join("policies"))
-                .arg("--state-dir")
-                .arg(d.join("agent-state"))
-                .arg("--trust-label-annotation")
-                .arg("--events-file")
-                .arg(self.events_file()),
-            d.join("agent.log"),
+        let proc = spawn_agent(
+            &self.bins,
+            &self.address,
+            &self.pin_dir,
+            d,
+            &["--trust-label-annotation"],
         )?;
         self.agent = Some(proc);
         if !wait_until(Duration::from_secs(60), || sock.exists()).await {
@@ -496,6 +522,24 @@ impl Stack {
         self.ctl_json(&["status"])
     }
 
+    /// `rthooksctl -o json debug maps`: what the agent's pinned maps hold, read from the
+    /// kernel (also while the agent is down).
+    pub fn debug_maps(&self) -> Result<serde_json::Value> {
+        let out = Command::new(&self.bins.ctl)
+            .args(["-o", "json", "debug", "maps", "--bpf-pin-dir"])
+            .arg(&self.pin_dir)
+            .output()
+            .context("rthooksctl debug maps")?;
+        if !out.status.success() {
+            bail!(
+                "rthooksctl debug maps: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
     fn ctl_json(&self, cmd: &[&str]) -> Option<serde_json::Value> {
         let out = Command::new(&self.bins.ctl)
             .args(["--address", &self.address, "-o", "json"])
@@ -543,6 +587,36 @@ impl Stack {
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     }
+}
+
+/// Starts `rthooks-agent` with everything of its own in `dir`: socket `address`, pins in
+/// `pin_dir`, policies `dir/policies` (written before: it loads them before it answers),
+/// state `dir/agent-state`, events as JSON lines in `dir/events.jsonl`, log
+/// `dir/agent.log`; `extra` flags after those. Starting again with the same `dir` is a
+/// restart (same state, pins and policies).
+pub fn spawn_agent(
+    bins: &Binaries,
+    address: &str,
+    pin_dir: &Path,
+    dir: &Path,
+    extra: &[&str],
+) -> Result<Proc> {
+    std::fs::create_dir_all(dir.join("policies"))?;
+    Proc::spawn(
+        Command::new(&bins.agent)
+            .arg("--grpc-address")
+            .arg(address)
+            .arg("--bpf-pin-dir")
+            .arg(pin_dir)
+            .arg("--policy-dir")
+            .arg(dir.join("policies"))
+            .arg("--state-dir")
+            .arg(dir.join("agent-state"))
+            .arg("--events-file")
+            .arg(dir.join("events.jsonl"))
+            .args(extra),
+        dir.join("agent.log"),
+    )
 }
 
 impl Drop for Stack {

@@ -1,6 +1,8 @@
 //! The map writer: the pinned maps the agent keeps up to date (the [`MapSink`] behind the
 //! model in `state`), and what it reads back from them.
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf};
+use std::path::Path;
+
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
 use rthooks_common::{
     pins, BinaryRules, ContainerPolicies, PolicySet, Settings, MAX_BINARIES, MAX_CONTAINERS,
 };
@@ -87,22 +89,43 @@ impl MapSink for MapWriter {
     }
 
     fn contents(&self) -> MapContents {
-        let containers = self
-            .containers
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (k, v.policies))
-            .collect();
-        let binaries = self.binaries.iter().filter_map(Result::ok).collect();
-        let levels = self
-            .settings
-            .get(&0, 0)
-            .map(|s| s.cgroup_levels)
-            .unwrap_or(0);
-        (containers, binaries, levels)
+        contents_of(&self.containers, &self.binaries, &self.settings)
     }
 
     fn ring_buffer_drops(&self) -> u64 {
         self.drops.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
+}
+
+/// What the containers, binaries and settings maps hold.
+fn contents_of(
+    containers: &BpfHashMap<MapData, u64, ContainerPolicies>,
+    binaries: &BpfHashMap<MapData, u64, BinaryRules>,
+    settings: &Array<MapData, Settings>,
+) -> MapContents {
+    let containers = containers
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| (k, v.policies))
+        .collect();
+    let binaries = binaries.iter().filter_map(Result::ok).collect();
+    let levels = settings.get(&0, 0).map(|s| s.cgroup_levels).unwrap_or(0);
+    (containers, binaries, levels)
+}
+
+/// What the maps an agent pinned under `pin_dir` hold, read from the kernel without the
+/// agent (which may be down: its pinned programs go on enforcing what these say).
+pub fn read_pinned(pin_dir: &Path) -> Result<MapContents, Error> {
+    fn open(pin_dir: &Path, name: &'static str) -> Result<Map, Error> {
+        MapData::from_pin(pin_dir.join(name))
+            .and_then(Map::from_map_data)
+            .map_err(Error::map(name))
+    }
+    let containers = BpfHashMap::try_from(open(pin_dir, pins::CONTAINERS)?)
+        .map_err(Error::map(pins::CONTAINERS))?;
+    let binaries =
+        BpfHashMap::try_from(open(pin_dir, pins::BINARIES)?).map_err(Error::map(pins::BINARIES))?;
+    let settings =
+        Array::try_from(open(pin_dir, pins::SETTINGS)?).map_err(Error::map(pins::SETTINGS))?;
+    Ok(contents_of(&containers, &binaries, &settings))
 }

@@ -46,7 +46,7 @@ pub(super) fn traces(dir: &Path) -> usize {
 
 /// What became of a started container.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Fate {
+pub(super) enum Fate {
     /// StartContainer failed (LSM: runc cannot exec the entrypoint; or the hook failed).
     Refused(String),
     /// Exited 137: killed (sigkill mode kills at the first exec).
@@ -234,7 +234,40 @@ pub(super) async fn prove_first_instruction(
     let dir = trace_dir(stack, tag)?;
     let t = Instant::now();
     let (fates, repeated) = start_tracers(cri, pod, n, tag, &dir).await?;
-    let took = t.elapsed().as_secs_f64();
+    let started = Started {
+        fates,
+        took: t.elapsed(),
+        repeated,
+    };
+    prove_stopped(stack, &started, &dir, tag, &pod.spec.name).await
+}
+
+/// What became of the starts of a first-instruction proof: (what finds the container's
+/// events, its fate) in start order (the trace file of the `i`th is `<tag>-<i>`), how long
+/// the starts took, and which were repeated because the runtime lost them.
+pub(super) struct Started {
+    pub(super) fates: Vec<(String, Fate)>,
+    pub(super) took: Duration,
+    pub(super) repeated: Vec<&'static str>,
+}
+
+/// The one proof that the starts in `started` never ran their entrypoint: every start
+/// stopped, no trace file in `dir`, one enforcement event per container naming it, its
+/// pod (`pod_name`) and `/bin/busybox`, a deny where the start was refused. Returns the
+/// detail, or an error saying what escaped.
+pub(super) async fn prove_stopped(
+    stack: &Stack,
+    started: &Started,
+    dir: &Path,
+    tag: &str,
+    pod_name: &str,
+) -> Result<String> {
+    let Started {
+        fates,
+        took,
+        repeated,
+    } = started;
+    let (n, took) = (fates.len(), took.as_secs_f64());
     let stopped = fates.iter().filter(|(_, f)| f.stopped()).count();
     let with_event = |stack: &Stack| {
         fates
@@ -247,11 +280,11 @@ pub(super) async fn prove_first_instruction(
     // A killed process is gone before it writes; give a straggler that did run the
     // time to write its file before counting.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let escaped = traces(&dir);
+    let escaped = traces(dir);
     let summary = format!(
         "{stopped}/{n} starts stopped before the entrypoint ran ({}; {took:.0} s); {escaped}/{n} trace files; {events}/{n} enforcement events{}",
-        fate_counts(&fates),
-        repeated_detail(&repeated)
+        fate_counts(fates),
+        repeated_detail(repeated)
     );
     if stopped != n || escaped != 0 || events != n {
         // Name the containers that escaped or were not reported, to find them in the
@@ -273,9 +306,9 @@ pub(super) async fn prove_first_instruction(
         bail!("{summary}; {}", odd.join(", "));
     }
     // Deny (LSM) must be reported as deny; the events name the pod and the binary.
-    for (id, f) in &fates {
+    for (id, f) in fates {
         let ev = &stack.events_about(id)[0];
-        if ev["binary"] != "/bin/busybox" || ev["container"]["pod_name"] != pod.spec.name.as_str() {
+        if ev["binary"] != "/bin/busybox" || ev["container"]["pod_name"] != pod_name {
             bail!("{summary}; unexpected event: {ev}");
         }
         if matches!(f, Fate::Refused(_) | Fate::Failed(_)) && ev["action"] != "deny" {

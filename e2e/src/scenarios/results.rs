@@ -41,6 +41,11 @@ impl Verdict {
             detail: String::new(),
         }
     }
+    /// With what was seen beside the reason.
+    pub(super) fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
 }
 
 /// The running kernel's release, for every line.

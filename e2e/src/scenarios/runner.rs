@@ -11,15 +11,18 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use super::first_instruction::{base_spec_first_instruction, first_instruction, why_hooks};
+use super::hook;
 use super::identity::{audit, identity, systemd_cgroup_identity};
 use super::lifecycle::{agent_down, removal, runtime_restart, sync_not_covered};
+use super::node::{self, Outcome};
 use super::non_matching::{base_spec_non_matching, non_matching};
 use super::results::{line, uname, Results, Verdict};
-use super::targets::Target;
+use super::targets::{table, Target, NODE_SCENARIOS};
 use super::workloads::{AUDIT_NAMESPACE_POLICY, AUDIT_POLICY, NAMESPACE_POLICY, POLICY};
 use crate::containerd::{is_root, Options};
 use crate::cri::Cri;
-use crate::stack::{Binaries, HookPath, RuntimeOptions, Stack};
+use crate::oci::{userland_binary, Engine};
+use crate::stack::{Binaries, HookPath, Runtime, RuntimeOptions, Stack};
 
 /// The (scenario, runtime) pairs `filter` chooses and `exclude` does not, in run order:
 /// each is a list of `|`-separated alternatives matched against the scenario's name and
@@ -30,9 +33,8 @@ pub fn plan(filter: &str, exclude: &str) -> Vec<(&'static str, Target)> {
             .split('|')
             .any(|f| s.contains(f) || t.name().contains(f))
     };
-    Target::ALL
-        .iter()
-        .flat_map(|t| t.scenarios().iter().map(move |s| (*s, *t)))
+    table()
+        .into_iter()
         .filter(|(s, t)| names(filter, s, *t) && (exclude.is_empty() || !names(exclude, s, *t)))
         .collect()
 }
@@ -48,12 +50,18 @@ enum Group {
     Systemd,
     /// CRI-O with the hook in hooks.d, no NRI.
     HooksD,
+    /// The hook without CRI: the agent, and the hook in bundles or podman's hooks.d.
+    Hook,
+    /// No stack: each scenario brings what it checks.
+    Node,
 }
 
-const GROUPS: [Group; 4] = [Group::Nri, Group::BaseSpec, Group::Systemd, Group::HooksD];
-
 fn group_of(scenario: &str) -> Group {
-    if scenario.starts_with("hooks_d_") {
+    if NODE_SCENARIOS.iter().any(|(s, _)| *s == scenario) {
+        Group::Node
+    } else if scenario.starts_with("hook_") {
+        Group::Hook
+    } else if scenario.starts_with("hooks_d_") {
         Group::HooksD
     } else if scenario.starts_with("base_spec_") {
         Group::BaseSpec
@@ -66,6 +74,9 @@ fn group_of(scenario: &str) -> Group {
 
 /// Where systemd says it runs (sd_booted(3)).
 const SYSTEMD_MARKER: &str = "/run/systemd/system";
+
+/// Set in the guests' environment by `cargo xtask e2e` (the kernels.toml name).
+const GUEST_MARKER: &str = "RTHOOKS_KERNEL";
 
 type Step<'a> = Pin<Box<dyn Future<Output = Result<String>> + 'a>>;
 
@@ -96,6 +107,53 @@ fn step<'a>(name: &str, stack: &'a mut Stack, cri: &'a mut Cri) -> Step<'a> {
     }
 }
 
+/// The hook scenarios without CRI.
+fn hook_step<'a>(name: &str, stack: &'a mut Stack) -> Step<'a> {
+    match name {
+        "hook_first_instruction" => Box::pin(hook::first_instruction(stack)),
+        "hook_non_matching" => Box::pin(hook::non_matching(stack)),
+        "hook_audit" => Box::pin(hook::audit(stack)),
+        "hook_agent_down" => Box::pin(hook::agent_down(stack)),
+        "hook_removal" => Box::pin(hook::removal(stack)),
+        other => {
+            let other = other.to_string();
+            Box::pin(async move { bail!("no such scenario: {other}") })
+        }
+    }
+}
+
+type NodeStep<'a> = Pin<Box<dyn Future<Output = Result<Outcome>> + 'a>>;
+
+/// The node's scenarios (no stack).
+fn node_step<'a>(name: &str, target: Target, bin_dir: &'a Path) -> NodeStep<'a> {
+    match (name, target) {
+        ("boot", _) => Box::pin(node::boot()),
+        ("containerd_starts", Target::Containerd(release)) => {
+            Box::pin(node::containerd_starts(release))
+        }
+        ("bundle_runs" | "podman_runs", Target::Oci(engine)) => Box::pin(node::engine_runs(engine)),
+        ("agent_starts", _) => Box::pin(node::agent_starts(bin_dir)),
+        ("agent_kernel_tests", _) => Box::pin(node::agent_tests("enforcement", None, None)),
+        ("agent_kernel_exec_semantics", _) => {
+            Box::pin(node::agent_tests("exec_semantics", None, None))
+        }
+        // The kprobe path, forced where auto would choose lsm or fentry: every exec row,
+        // and enforcement through an agent crash (its link is pinned).
+        ("agent_kprobe_exec_semantics", _) => {
+            Box::pin(node::agent_tests("exec_semantics", Some("kprobe"), None))
+        }
+        ("agent_kprobe_restart", _) => Box::pin(node::agent_tests(
+            "enforcement",
+            Some("kprobe"),
+            Some("enforcement_survives_an_agent_crash_and_restart"),
+        )),
+        (other, t) => {
+            let other = format!("{other} on {t:?}");
+            Box::pin(async move { bail!("no such scenario: {other}") })
+        }
+    }
+}
+
 /// Runs the scenarios [`plan`] chooses, appending to `results`. Returns
 /// whether none failed.
 pub async fn run(
@@ -116,17 +174,54 @@ pub async fn run(
     out.append(json!({ "plan": lines }))?;
     let uname = uname();
     let mut ok = true;
-    for target in Target::ALL {
-        for group in GROUPS {
-            let names: Vec<&str> = chosen
-                .iter()
-                .filter(|(s, t)| *t == target && group_of(s) == group)
-                .map(|(s, _)| *s)
-                .collect();
-            if !names.is_empty() {
-                ok &= run_group(&out, target, group, &names, bin_dir, timeout, &uname).await?;
-            }
-        }
+    // Consecutive scenarios of one group and runtime share its stack.
+    let mut rest = &chosen[..];
+    while let Some(&(first, target)) = rest.first() {
+        let group = group_of(first);
+        let names: Vec<&str> = rest
+            .iter()
+            .take_while(|(s, t)| *t == target && group_of(s) == group)
+            .map(|(s, _)| *s)
+            .collect();
+        rest = &rest[names.len()..];
+        ok &= if group == Group::Node {
+            run_node(&out, target, &names, bin_dir, timeout, &uname).await?
+        } else {
+            run_group(&out, target, group, &names, bin_dir, timeout, &uname).await?
+        };
+    }
+    Ok(ok)
+}
+
+/// Runs the node's scenarios `names` (no stack), appends their lines; whether none failed.
+async fn run_node(
+    out: &Results,
+    target: Target,
+    names: &[&str],
+    bin_dir: &Path,
+    timeout: Duration,
+    uname: &str,
+) -> Result<bool> {
+    let runtime = target.name();
+    let mut ok = true;
+    for s in names {
+        let t = Instant::now();
+        let outcome = match unavailable(target, Group::Node) {
+            Some(v) => v.into(),
+            None => match tokio::time::timeout(timeout, node_step(s, target, bin_dir)).await {
+                Ok(Ok(o)) => o,
+                Ok(Err(e)) => Verdict::fail(format!("{e:#}")).into(),
+                Err(_) => Verdict::fail(format!("timed out after {timeout:?}")).into(),
+            },
+        };
+        let Outcome { verdict: v, mode } = outcome;
+        ok &= v.result != "fail";
+        eprintln!(
+            "e2e guest: {s} ({runtime}) -> {} {}{}",
+            v.result, v.reason, v.detail
+        );
+        let secs = t.elapsed().as_secs_f64();
+        out.append(line(s, runtime, &v, secs, &mode, uname))?;
     }
     Ok(ok)
 }
@@ -208,6 +303,19 @@ async fn start_group(target: Target, group: Group, bins: Binaries) -> Result<Sta
             )
             .await
         }
+        (Target::Oci(engine), Group::Hook) => {
+            let path = match engine {
+                Engine::Bundle(_) => HookPath::Bundle,
+                Engine::Podman => HookPath::HooksD,
+            };
+            Stack::start_with(
+                RuntimeOptions::Oci(engine),
+                path,
+                bins,
+                &[("deny-busybox.yaml", POLICY), ("audit.yaml", AUDIT_POLICY)],
+            )
+            .await
+        }
         (t, g) => bail!("no {g:?} stack on {}", t.name()),
     }
 }
@@ -216,6 +324,24 @@ async fn start_group(target: Target, group: Group, bins: Binaries) -> Result<Sta
 fn unavailable(target: Target, group: Group) -> Option<Verdict> {
     if !is_root() {
         return Some(Verdict::skip("needs root"));
+    }
+    // What they check (the guest's mounts, the agent's kernel tests, the userland's
+    // runtimes) is the guests'; the host's is checked by the crates' own tests.
+    if matches!(group, Group::Node | Group::Hook) && std::env::var_os(GUEST_MARKER).is_none() {
+        return Some(Verdict::skip(format!(
+            "runs in the VM guests ({GUEST_MARKER} is not set; cargo xtask e2e sets it)"
+        )));
+    }
+    if let Target::Oci(engine) = target {
+        if group == Group::Hook {
+            let needed = match engine {
+                Engine::Bundle(r) => vec![r.name()],
+                Engine::Podman => vec!["podman", "conmon", "runc"],
+            };
+            if let Some(e) = needed.into_iter().find_map(|b| userland_binary(b).err()) {
+                return Some(Verdict::skip(format!("{e:#}")));
+            }
+        }
     }
     if group == Group::Systemd && !Path::new(SYSTEMD_MARKER).exists() {
         return Some(Verdict::skip(format!(
@@ -295,11 +421,19 @@ async fn run_group(
         .as_str()
         .unwrap_or("")
         .to_string();
-    let mut cri = stack.runtime.cri().await?;
+    // The hook scenarios without CRI have none.
+    let mut cri = match group {
+        Group::Hook => None,
+        _ => Some(stack.runtime.cri().await?),
+    };
     let mut ok = true;
     for s in names {
         let t = Instant::now();
-        let v = match tokio::time::timeout(timeout, step(s, &mut stack, &mut cri)).await {
+        let scenario = match cri.as_mut() {
+            Some(cri) => step(s, &mut stack, cri),
+            None => hook_step(s, &mut stack),
+        };
+        let v = match tokio::time::timeout(timeout, scenario).await {
             // The agent's reason for its mode, once per stack, for the matrix.
             Ok(Ok(detail)) if *s == names[0] && !why.is_empty() => {
                 Verdict::pass(format!("{detail} (agent: {mode}, {why})"))
@@ -327,22 +461,35 @@ async fn run_group(
         // A failed or timed-out scenario may have left pods, or the agent or plugin
         // stopped: the next scenario starts from the stack as the group set it up.
         if v.result != "pass" {
-            let _ = cri.remove_all_pods().await;
+            remove_all(&stack, cri.as_mut()).await;
             if stack.agent.as_mut().is_none_or(|a| !a.running()) {
                 let _ = stack.start_agent().await;
             }
-            let _ = stack.enable_hooks(&mut cri).await;
+            if let Some(cri) = cri.as_mut() {
+                let _ = stack.enable_hooks(cri).await;
+            }
         }
     }
-    let _ = cri.remove_all_pods().await;
+    remove_all(&stack, cri.as_mut()).await;
     drop(stack);
     Ok(ok)
+}
+
+/// Removes what scenarios left: every pod (CRI), every container (without CRI).
+async fn remove_all(stack: &Stack, cri: Option<&mut Cri>) {
+    match (cri, &stack.runtime) {
+        (Some(cri), _) => {
+            let _ = cri.remove_all_pods().await;
+        }
+        (None, Runtime::Oci(node)) => node.remove_all().await,
+        (None, _) => {}
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scenarios::targets::{CONTAINERD_SCENARIOS, CRIO_SCENARIOS};
+    use crate::scenarios::targets::{CONTAINERD_SCENARIOS, CRIO_SCENARIOS, HOOK_SCENARIOS};
 
     #[test]
     fn a_filter_chooses_by_scenario_or_by_runtime() {
@@ -354,7 +501,10 @@ mod tests {
         };
         assert_eq!(
             plan("", "").len(),
-            2 * CONTAINERD_SCENARIOS.len() + 2 * CRIO_SCENARIOS.len()
+            NODE_SCENARIOS.len()
+                + 3 * HOOK_SCENARIOS.len()
+                + 2 * CONTAINERD_SCENARIOS.len()
+                + 2 * CRIO_SCENARIOS.len()
         );
         assert_eq!(
             names("hooks_d_audit|nri_audit"),
@@ -371,17 +521,59 @@ mod tests {
         assert_eq!(names("crio").len(), 2 * CRIO_SCENARIOS.len());
         // What the other guest runs when the CRI-O scenarios have their own.
         let rest = plan("", "crio");
-        assert_eq!(rest.len(), 2 * CONTAINERD_SCENARIOS.len());
-        assert!(rest.iter().all(|(_, t)| matches!(t, Target::Containerd(_))));
+        assert_eq!(rest.len(), plan("", "").len() - 2 * CRIO_SCENARIOS.len());
+        assert!(rest.iter().all(|(_, t)| !matches!(t, Target::Crio(_))));
         // Every planned scenario has a group whose stack its runtime can start.
         for (s, t) in plan("", "") {
             let g = group_of(s);
             let crio_only = g == Group::HooksD;
             let containerd_only = matches!(g, Group::BaseSpec | Group::Systemd);
             match t {
-                Target::Crio(_) => assert!(!containerd_only, "{s} on {t:?}"),
-                Target::Containerd(_) => assert!(!crio_only, "{s} on {t:?}"),
+                Target::Crio(_) => assert!(!containerd_only && g != Group::Hook, "{s} on {t:?}"),
+                Target::Containerd(_) => assert!(!crio_only && g != Group::Hook, "{s} on {t:?}"),
+                Target::Oci(_) => assert!(matches!(g, Group::Hook | Group::Node), "{s} on {t:?}"),
+                Target::Node => assert_eq!(g, Group::Node, "{s}"),
             }
         }
+    }
+
+    #[test]
+    fn the_rows_the_shell_suite_wrote_keep_their_names_and_order() {
+        // As vm/guest/scenarios/*.sh registered them (scenario, runtime), so that the
+        // README matrix stays comparable.
+        let mut shell = vec![
+            ("boot", ""),
+            ("containerd_starts", "containerd-1.7"),
+            ("containerd_starts", "containerd-2.1"),
+            ("bundle_runs", "runc"),
+            ("bundle_runs", "crun"),
+            ("podman_runs", "podman"),
+            ("agent_starts", ""),
+            ("agent_kernel_tests", ""),
+            ("agent_kernel_exec_semantics", ""),
+            ("agent_kprobe_exec_semantics", ""),
+            ("agent_kprobe_restart", ""),
+        ];
+        for rt in ["runc", "crun", "podman"] {
+            for s in HOOK_SCENARIOS {
+                shell.push((s, rt));
+            }
+        }
+        let ported: Vec<_> = plan("", "")
+            .into_iter()
+            .map(|(s, t)| (s, t.name()))
+            .take(shell.len())
+            .collect();
+        assert_eq!(ported, shell);
+        // `--scenario agent_kernel` and `--scenario agent_kprobe` pick one half each.
+        let half = |f| plan(f, "").into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+        assert_eq!(
+            half("agent_kernel"),
+            ["agent_kernel_tests", "agent_kernel_exec_semantics"]
+        );
+        assert_eq!(
+            half("agent_kprobe"),
+            ["agent_kprobe_exec_semantics", "agent_kprobe_restart"]
+        );
     }
 }

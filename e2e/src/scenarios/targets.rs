@@ -1,11 +1,19 @@
-//! The CRI runtimes the scenarios run on, and which scenarios apply to each.
+//! The runtime paths the scenarios run on, and which scenarios apply to each: the node
+//! itself, the OCI runtimes without CRI (runc and crun bundles, podman with hooks.d), and
+//! the CRI runtimes (containerd 2.1 and 1.7, CRI-O on runc and on crun).
 
 use crate::containerd::Release;
 use crate::crio::OciRuntime;
+use crate::oci::Engine;
 
-/// The CRI runtimes the scenarios run on, in run order.
+/// A runtime path the scenarios run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
+    /// The node itself, no runtime (boot, the agent).
+    Node,
+    /// An OCI runtime without CRI: the hook in a bundle's `config.json`, or podman's
+    /// hooks.d.
+    Oci(Engine),
     /// containerd (NRI plugin, base spec, systemd driver).
     Containerd(Release),
     /// CRI-O with this OCI runtime (hooks.d).
@@ -13,7 +21,7 @@ pub enum Target {
 }
 
 impl Target {
-    /// Every runtime, in run order.
+    /// The CRI runtimes, in run order.
     pub const ALL: [Target; 4] = [
         Target::Containerd(Release::V2_1),
         Target::Containerd(Release::V1_7),
@@ -21,9 +29,18 @@ impl Target {
         Target::Crio(OciRuntime::Crun),
     ];
 
-    /// The matrix's runtime column.
+    /// The OCI runtime paths without CRI the hook scenarios run on, in run order.
+    pub const OCI: [Target; 3] = [
+        Target::Oci(Engine::Bundle(OciRuntime::Runc)),
+        Target::Oci(Engine::Bundle(OciRuntime::Crun)),
+        Target::Oci(Engine::Podman),
+    ];
+
+    /// The matrix's runtime column (empty for the node).
     pub fn name(self) -> &'static str {
         match self {
+            Target::Node => "",
+            Target::Oci(e) => e.name(),
             Target::Containerd(Release::V2_1) => "containerd-2.1",
             Target::Containerd(Release::V1_7) => "containerd-1.7",
             Target::Crio(OciRuntime::Runc) => "crio-runc",
@@ -31,14 +48,56 @@ impl Target {
         }
     }
 
-    /// The scenarios that apply to it, in run order.
+    /// The scenarios that apply to it, in run order (beside [`NODE_SCENARIOS`]).
     pub fn scenarios(self) -> &'static [&'static str] {
         match self {
+            Target::Node => &[],
+            Target::Oci(_) => HOOK_SCENARIOS,
             Target::Containerd(_) => CONTAINERD_SCENARIOS,
             Target::Crio(_) => CRIO_SCENARIOS,
         }
     }
 }
+
+/// Every (scenario, runtime) pair in run order: the node's first, then the hook on the
+/// OCI runtimes without CRI, then the CRI runtimes'.
+pub fn table() -> Vec<(&'static str, Target)> {
+    let per_target = Target::OCI
+        .into_iter()
+        .chain(Target::ALL)
+        .flat_map(|t| t.scenarios().iter().map(move |s| (*s, t)));
+    NODE_SCENARIOS.iter().copied().chain(per_target).collect()
+}
+
+/// What the rest builds on, each once or once per runtime it checks (the shell suite's
+/// order): the guest booted, containerd starts, runc/crun run a bundle and podman a
+/// container, the agent starts, the agent's kernel tests pass (in the mode it chooses
+/// and with kprobe forced).
+pub const NODE_SCENARIOS: &[(&str, Target)] = &[
+    ("boot", Target::Node),
+    ("containerd_starts", Target::Containerd(Release::V1_7)),
+    ("containerd_starts", Target::Containerd(Release::V2_1)),
+    ("bundle_runs", Target::Oci(Engine::Bundle(OciRuntime::Runc))),
+    ("bundle_runs", Target::Oci(Engine::Bundle(OciRuntime::Crun))),
+    ("podman_runs", Target::Oci(Engine::Podman)),
+    ("agent_starts", Target::Node),
+    ("agent_kernel_tests", Target::Node),
+    ("agent_kernel_exec_semantics", Target::Node),
+    // Named apart, so that `--scenario agent_kernel` and `--scenario agent_kprobe`
+    // select one half each.
+    ("agent_kprobe_exec_semantics", Target::Node),
+    ("agent_kprobe_restart", Target::Node),
+];
+
+/// The OCI hook's scenarios on the runtimes without CRI, in run order (each runs once
+/// per runtime).
+pub const HOOK_SCENARIOS: &[&str] = &[
+    "hook_first_instruction",
+    "hook_non_matching",
+    "hook_audit",
+    "hook_agent_down",
+    "hook_removal",
+];
 
 /// The scenarios on CRI-O, in run order: through CRI-O's NRI, what shows the plugin
 /// works there (labels annotation and hook added, first instruction); through hooks.d,

@@ -107,9 +107,7 @@ pub(super) fn tracer(name: &str, dir: &Path) -> ContainerSpec {
 /// at `/bin/busybox`, plus `dir` at `/trace`: it keeps running in a selected pod, and
 /// an exec of busybox inside it is what the policy must stop.
 pub(super) fn guard(name: &str, dir: &Path) -> Result<ContainerSpec> {
-    let root = crate::debian::unpacked(&crate::images::BUSYBOX_STATIC)?;
-    let bb = crate::debian::find_file(&root, "busybox")
-        .ok_or_else(|| anyhow::anyhow!("busybox not in busybox-static"))?;
+    let bb = crate::images::busybox_binary()?;
     Ok(ContainerSpec {
         name: name.into(),
         image: PAUSE_IMAGE.into(),

@@ -66,8 +66,8 @@ pub struct E2eArgs {
     /// Seconds one scenario may run inside the guest.
     #[arg(long, default_value_t = DEFAULT_SCENARIO_TIMEOUT)]
     pub scenario_timeout: u64,
-    /// Run only scenarios whose name contains this (the e2e crate's CRI scenarios also
-    /// by their runtime, e.g. `crio` or `crio-crun`; alternatives separated by `|`).
+    /// Run only scenarios whose name or runtime contains this (e.g. `hook_`, `crun`,
+    /// `crio-crun`; alternatives separated by `|`).
     #[arg(long)]
     pub scenario: Option<String>,
     /// Use the binaries already built (the agent's kernel-test scenarios then skip: only
