@@ -164,8 +164,7 @@ pub async fn run(
     timeout: Duration,
 ) -> Result<bool> {
     let out = Results::new(results);
-    // `a|b` chooses scenarios containing a or b (the shell scenarios match none of
-    // such a filter, which is what a run of only these scenarios wants).
+    // `a|b` chooses scenarios whose name or runtime contains a or b.
     let chosen = plan(filter, exclude);
     let lines: Vec<_> = chosen
         .iter()

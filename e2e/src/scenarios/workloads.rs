@@ -8,8 +8,8 @@ use anyhow::Result;
 use crate::cri::{ContainerSpec, HostMount, PodSpec};
 use crate::images::{BUSYBOX_IMAGE, PAUSE_IMAGE};
 
-/// Pods labelled app=blocked may not run busybox (shared with the shell scenarios in
-/// vm/guest/scenarios/40-hook.sh); every container of this suite runs
+/// Pods labelled app=blocked may not run busybox (the CRI and the hook scenarios alike);
+/// every container of this suite runs
 /// `/bin/sleep` or `/bin/sh`, busybox links, as its first instruction.
 pub const POLICY: &str = include_str!("../../../vm/guest/policies/deny-busybox-blocked.yaml");
 
