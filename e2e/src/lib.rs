@@ -10,6 +10,7 @@
 //! * [`cri`]: a CRI v1 client doing what kubelet does (pods, containers, cleanup).
 //! * [`stack`]: containerd or CRI-O + `rthooks-agent` + `rthooks-oci-hook`, put in by
 //!   `rthooks-nri-hook`, containerd's base spec or CRI-O's hooks.d.
+//! * [`kube`]: a Kubernetes API server (etcd + apiextensions-apiserver) for the agent.
 //! * [`scenarios`]: the scenarios `rthooks-e2e guest` runs in the VM guests (runner,
 //!   runtimes, the first-instruction proof, the results writer, the scenarios by topic).
 //! * [`timing`]: waits, stretched for slow guests.
@@ -21,6 +22,7 @@ pub mod crio;
 mod daemon;
 pub mod demo;
 pub mod images;
+pub mod kube;
 pub mod oci;
 pub mod scenarios;
 pub mod stack;

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use crate::containerd::{Containerd, Options, Release};
 use crate::cri::Cri;
 use crate::crio::Crio;
+use crate::kube::AgentApi;
 use crate::oci::{Engine, HookCommand, OciNode};
 use crate::timing::wait_until;
 
@@ -241,6 +242,9 @@ pub struct Stack {
     /// Whether the hook is in place (the plugin registered, or the hooks.d file
     /// installed and read by the runtime).
     hooks_on: bool,
+    /// The Kubernetes API the agent takes pod labels from (instead of trusting the
+    /// labels annotation), when it has one.
+    pub kube: Option<AgentApi>,
     /// The runtime (dropped last).
     pub runtime: Runtime,
 }
@@ -269,6 +273,17 @@ impl Stack {
         bins: Binaries,
         policies: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::start_with_api(options, path, bins, policies, None).await
+    }
+
+    /// Like [`Stack::start_with`], the agent using the Kubernetes API `kube` when given.
+    pub async fn start_with_api(
+        options: RuntimeOptions,
+        path: HookPath,
+        bins: Binaries,
+        policies: &[(&str, &str)],
+        kube: Option<AgentApi>,
+    ) -> Result<Self> {
         let runtime = Runtime::prepare(options, path == HookPath::Nri).await?;
         let base =
             std::env::var_os("RTHOOKS_TMP").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
@@ -292,6 +307,7 @@ impl Stack {
             pin_dir,
             hook_path: path,
             hooks_on: false,
+            kube,
             runtime,
         };
         match path {
@@ -437,19 +453,25 @@ impl Stack {
         let d = self.dir.path();
         let sock = d.join("agent.sock");
         let _ = std::fs::remove_file(&sock);
-        let proc = spawn_agent(
-            &self.bins,
-            &self.address,
-            &self.pin_dir,
-            d,
-            &["--trust-label-annotation"],
-        )?;
+        let api_flags: Vec<String> = self
+            .kube
+            .as_ref()
+            .map(|api| api.agent_flags())
+            .unwrap_or_else(|| vec!["--trust-label-annotation".into()]);
+        let extra: Vec<&str> = api_flags.iter().map(String::as_str).collect();
+        let proc = spawn_agent(&self.bins, &self.address, &self.pin_dir, d, &extra)?;
         self.agent = Some(proc);
         if !wait_until(Duration::from_secs(60), || sock.exists()).await {
             bail!(
                 "the agent did not open its socket:\n{}",
                 self.agent.as_ref().unwrap().log_text()
             );
+        }
+        if let Some(api) = &self.kube {
+            // Until its pod store has listed, registrations without trusted labels fail.
+            if let Err(e) = api.wait_ready().await {
+                bail!("{e:#}:\n{}", self.agent.as_ref().unwrap().log_text());
+            }
         }
         Ok(())
     }

@@ -52,8 +52,9 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ApiServerError 
 /// Set by `cargo xtask test`: the directory holding `etcd` and `apiextensions-apiserver`.
 pub use crate::APISERVER_BIN_DIR_ENV as BIN_DIR_ENV;
 
-/// How long the server may take to answer `/readyz` (a busy 2-core machine: ~5–20 s).
-const READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long the server may take to answer `/readyz` (a busy 2-core machine: ~5–20 s; the
+/// e2e guests emulate every instruction under TCG, several times slower).
+const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The directory with the built binaries, if they exist: `$RTHOOKS_APISERVER_BIN_DIR`, else
 /// where xtask builds them ([`crate::apiserver_bin_dir`]).
@@ -72,6 +73,50 @@ pub fn unavailable() -> Option<String> {
             "no test API server: run `cargo xtask setup` (builds it into ~/.cache/rthooks/apiserver/bin) or set {BIN_DIR_ENV}"
         )),
     }
+}
+
+/// The Pod-shaped CRD of a test group (DESIGN.md): this server serves no core resources,
+/// so pods are custom resources `pods.<group>` with `spec.nodeName` selectable (a
+/// selectable field must be in the schema, even under preserve-unknown-fields).
+pub fn pod_crd(group: &str) -> CustomResourceDefinition {
+    let open = serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    let spec = serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true,
+        "properties": {"nodeName": {"type": "string"}}});
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("pods.{group}")},
+        "spec": {
+            "group": group,
+            "names": {"plural": "pods", "singular": "pod", "kind": "Pod"},
+            "scope": "Namespaced",
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "selectableFields": [{"jsonPath": ".spec.nodeName"}],
+                "schema": {"openAPIV3Schema": {"type": "object",
+                    "properties": {"spec": spec, "status": open}}}}]
+        }
+    }))
+    .expect("a valid CRD")
+}
+
+/// The Namespace-shaped CRD of a test group, served as `plural` (the agent's
+/// `TEST_NAMESPACES`: a custom resource called `namespaces` cannot be read by name).
+pub fn namespace_crd(group: &str, plural: &str) -> CustomResourceDefinition {
+    let open = serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("{plural}.{group}")},
+        "spec": {
+            "group": group,
+            "names": {"plural": plural, "singular": "testnamespace", "kind": "Namespace"},
+            "scope": "Cluster",
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object",
+                    "properties": {"spec": open, "status": open}}}}]
+        }
+    }))
+    .expect("a valid CRD")
 }
 
 /// A running etcd + API server pair; both are killed when it is dropped.

@@ -147,11 +147,12 @@ fn test(extra: &[String], e2e: bool, crio_dir: Option<std::path::PathBuf>) -> Re
             timeout: vm::DEFAULT_GUEST_TIMEOUT,
             scenario_timeout: vm::DEFAULT_SCENARIO_TIMEOUT,
             scenario: None,
+            exclude: Some(vm::CI_EXCLUDE.into()),
             no_build: false,
             bin_dir: None,
             crio_dir,
-            // The CRI-O scenarios in a second guest beside the rest: both cores, and CI's
-            // wall time stays that of the longer guest.
+            // The CRI-O and containerd 1.7 rows in a second guest beside the rest: both
+            // cores, and CI's wall time is that of the longer guest.
             crio_guest: true,
             runner: vm::RunnerKind::Qemu,
             jobs: 2,

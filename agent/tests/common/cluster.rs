@@ -9,7 +9,7 @@ use kube::runtime::wait::{await_condition, conditions};
 use rthooks_agent::kube::client::TEST_NAMESPACES;
 use rthooks_agent::kube::Resources;
 use rthooks_api::tetragon::CreateContainer;
-use rthooks_testkit::apiserver::{unavailable, TestApiServer};
+use rthooks_testkit::apiserver::{namespace_crd, pod_crd, unavailable, TestApiServer};
 use serde_json::json;
 
 use super::*;
@@ -24,46 +24,6 @@ pub const WAIT: &str = "3s";
 pub struct Cluster {
     pub rt: tokio::runtime::Runtime,
     pub server: TestApiServer,
-}
-
-pub fn pod_crd() -> CustomResourceDefinition {
-    let open = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
-    // A selectable field must be in the schema.
-    let spec = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true,
-        "properties": {"nodeName": {"type": "string"}}});
-    serde_json::from_value(json!({
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": format!("pods.{GROUP}")},
-        "spec": {
-            "group": GROUP,
-            "names": {"plural": "pods", "singular": "pod", "kind": "Pod"},
-            "scope": "Namespaced",
-            "versions": [{"name": "v1", "served": true, "storage": true,
-                "selectableFields": [{"jsonPath": ".spec.nodeName"}],
-                "schema": {"openAPIV3Schema": {"type": "object",
-                    "properties": {"spec": spec, "status": open}}}}]
-        }
-    }))
-    .unwrap()
-}
-
-pub fn namespace_crd() -> CustomResourceDefinition {
-    let open = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
-    serde_json::from_value(json!({
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": format!("{TEST_NAMESPACES}.{GROUP}")},
-        "spec": {
-            "group": GROUP,
-            "names": {"plural": TEST_NAMESPACES, "singular": "testnamespace", "kind": "Namespace"},
-            "scope": "Cluster",
-            "versions": [{"name": "v1", "served": true, "storage": true,
-                "schema": {"openAPIV3Schema": {"type": "object",
-                    "properties": {"spec": open, "status": open}}}}]
-        }
-    }))
-    .unwrap()
 }
 
 impl Cluster {
@@ -82,7 +42,7 @@ impl Cluster {
             let server = TestApiServer::start(&audit).await.unwrap();
             let client = server.client().await.unwrap();
             let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-            for crd in [pod_crd(), namespace_crd()] {
+            for crd in [pod_crd(GROUP), namespace_crd(GROUP, TEST_NAMESPACES)] {
                 crds.create(&PostParams::default(), &crd).await.unwrap();
                 let name = crd.metadata.name.unwrap();
                 tokio::time::timeout(

@@ -21,11 +21,13 @@
 //! * [`results`]: the one results writer.
 //! * [`workloads`]: the policies and containers the scenarios use.
 //! * the scenarios by topic: [`node`], [`hook`] (without CRI), [`identity`],
-//!   [`first_instruction`], [`non_matching`], [`lifecycle`].
+//!   [`first_instruction`], [`non_matching`], [`lifecycle`], and the Kubernetes rows,
+//!   [`kube`] (labels from an API server in the guest).
 
 mod first_instruction;
 mod hook;
 mod identity;
+mod kube;
 mod lifecycle;
 mod node;
 mod non_matching;

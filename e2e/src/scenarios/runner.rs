@@ -13,6 +13,7 @@ use serde_json::json;
 use super::first_instruction::{base_spec_first_instruction, first_instruction, why_hooks};
 use super::hook;
 use super::identity::{audit, identity, systemd_cgroup_identity};
+use super::kube::{kube_crd_policy, kube_first_instruction, kube_label_removal, SharedCluster};
 use super::lifecycle::{agent_down, removal, runtime_restart, sync_not_covered};
 use super::node::{self, Outcome};
 use super::non_matching::{base_spec_non_matching, non_matching};
@@ -21,17 +22,19 @@ use super::targets::{table, Target, NODE_SCENARIOS};
 use super::workloads::{AUDIT_NAMESPACE_POLICY, AUDIT_POLICY, NAMESPACE_POLICY, POLICY};
 use crate::containerd::{is_root, Options};
 use crate::cri::Cri;
+use crate::kube::AgentApi;
 use crate::oci::{userland_binary, Engine};
 use crate::stack::{Binaries, HookPath, Runtime, RuntimeOptions, Stack};
 
 /// The (scenario, runtime) pairs `filter` chooses and `exclude` does not, in run order:
-/// each is a list of `|`-separated alternatives matched against the scenario's name and
-/// its runtime's (an empty `exclude` leaves nothing out).
+/// each is a list of `|`-separated alternatives matched against the scenario's name or
+/// its runtime's, or both as `SCENARIO@RUNTIME` (an empty `exclude` leaves nothing out).
 pub fn plan(filter: &str, exclude: &str) -> Vec<(&'static str, Target)> {
     let names = |pattern: &str, s: &str, t: Target| {
-        pattern
-            .split('|')
-            .any(|f| s.contains(f) || t.name().contains(f))
+        pattern.split('|').any(|f| match f.split_once('@') {
+            Some((scenario, runtime)) => s.contains(scenario) && t.name().contains(runtime),
+            None => s.contains(f) || t.name().contains(f),
+        })
     };
     table()
         .into_iter()
@@ -54,6 +57,9 @@ enum Group {
     Hook,
     /// No stack: each scenario brings what it checks.
     Node,
+    /// The hook without labels (containerd's base spec, CRI-O's hooks.d), the agent taking
+    /// them from the guest's Kubernetes API server.
+    Kube,
 }
 
 fn group_of(scenario: &str) -> Group {
@@ -61,6 +67,8 @@ fn group_of(scenario: &str) -> Group {
         Group::Node
     } else if scenario.starts_with("hook_") {
         Group::Hook
+    } else if scenario.starts_with("kube_") {
+        Group::Kube
     } else if scenario.starts_with("hooks_d_") {
         Group::HooksD
     } else if scenario.starts_with("base_spec_") {
@@ -100,6 +108,9 @@ fn step<'a>(name: &str, stack: &'a mut Stack, cri: &'a mut Cri) -> Step<'a> {
         "hooks_d_removal" => Box::pin(removal(stack, cri)),
         "hooks_d_why_hooks" => Box::pin(why_hooks(stack, cri)),
         "hooks_d_agent_down" => Box::pin(agent_down(stack, cri)),
+        "kube_first_instruction" => Box::pin(kube_first_instruction(stack, cri)),
+        "kube_label_removal" => Box::pin(kube_label_removal(stack, cri)),
+        "kube_crd_policy" => Box::pin(kube_crd_policy(stack, cri)),
         other => {
             let other = other.to_string();
             Box::pin(async move { bail!("no such scenario: {other}") })
@@ -171,8 +182,11 @@ pub async fn run(
         .map(|(s, t)| json!({"scenario": s, "runtime": t.name()}))
         .collect();
     out.append(json!({ "plan": lines }))?;
-    let uname = uname();
+    // Beside the results: the requests of every agent of this guest, for its RBAC.
+    let audit_log = results.with_file_name("apiserver-audit.log");
+    let mut kube = SharedCluster::new(&audit_log);
     let mut ok = true;
+    let uname = uname();
     // Consecutive scenarios of one group and runtime share its stack.
     let mut rest = &chosen[..];
     while let Some(&(first, target)) = rest.first() {
@@ -186,7 +200,7 @@ pub async fn run(
         ok &= if group == Group::Node {
             run_node(&out, target, &names, bin_dir, timeout, &uname).await?
         } else {
-            run_group(&out, target, group, &names, bin_dir, timeout, &uname).await?
+            run_group(&out, target, group, &names, bin_dir, timeout, &mut kube).await?
         };
     }
     Ok(ok)
@@ -246,9 +260,39 @@ fn keep_logs(out: &Results, stack: &Stack, scenario: &str, runtime: &str) {
 }
 
 /// The stack a group needs: its policies, runtime options and hook path.
-async fn start_group(target: Target, group: Group, bins: Binaries) -> Result<Stack> {
+async fn start_group(
+    target: Target,
+    group: Group,
+    bins: Binaries,
+    kube: &mut SharedCluster,
+) -> Result<Stack> {
     let containerd = |o: Options| RuntimeOptions::Containerd(o);
     match (target, group) {
+        (_, Group::Kube) => {
+            let (options, path) = match target {
+                Target::Containerd(release) => {
+                    (containerd(Options::new(release)), HookPath::BaseSpec)
+                }
+                Target::Crio(runtime) => (
+                    RuntimeOptions::Crio(
+                        crate::crio::Binaries::from_env()?
+                            .context("no CRI-O binaries (RTHOOKS_CRIO_DIR)")?,
+                        crate::crio::Options::new(runtime),
+                    ),
+                    HookPath::HooksD,
+                ),
+                Target::Oci(_) | Target::Node => bail!("no Kubernetes stack without CRI"),
+            };
+            let api = AgentApi::new(kube.get().await?)?;
+            Stack::start_with_api(
+                options,
+                path,
+                bins,
+                &[("deny-busybox.yaml", POLICY)],
+                Some(api),
+            )
+            .await
+        }
         (Target::Containerd(release), Group::Nri) => {
             Stack::start(
                 release,
@@ -324,6 +368,11 @@ fn unavailable(target: Target, group: Group) -> Option<Verdict> {
     if !is_root() {
         return Some(Verdict::skip("needs root"));
     }
+    if group == Group::Kube {
+        if let Some(why) = crate::kube::unavailable() {
+            return Some(Verdict::skip(why));
+        }
+    }
     // What they check (the guest's mounts, the agent's kernel tests, the userland's
     // runtimes) is the guests'; the host's is checked by the crates' own tests.
     if matches!(group, Group::Node | Group::Hook) && std::env::var_os(GUEST_MARKER).is_none() {
@@ -385,16 +434,17 @@ async fn run_group(
     names: &[&str],
     bin_dir: &Path,
     timeout: Duration,
-    uname: &str,
+    kube: &mut SharedCluster,
 ) -> Result<bool> {
     let runtime = target.name();
+    let uname = &uname();
     let setup = if let Some(v) = unavailable(target, group) {
         Err(v)
     } else {
         match Binaries::in_dir(bin_dir) {
             Err(e) => Err(Verdict::skip(e.to_string())),
             Ok(bins) => {
-                match tokio::time::timeout(timeout, start_group(target, group, bins)).await {
+                match tokio::time::timeout(timeout, start_group(target, group, bins, kube)).await {
                     Ok(Ok(s)) => Ok(s),
                     Ok(Err(e)) => Err(Verdict::fail(format!("stack did not start: {e:#}"))),
                     Err(_) => Err(Verdict::fail("stack did not start in time")),
@@ -522,6 +572,26 @@ mod tests {
         let rest = plan("", "crio");
         assert_eq!(rest.len(), plan("", "").len() - 2 * CRIO_SCENARIOS.len());
         assert!(rest.iter().all(|(_, t)| !matches!(t, Target::Crio(_))));
+        // SCENARIO@RUNTIME names both: what `cargo xtask test` leaves to `--all`.
+        assert_eq!(
+            names("kube_first@crio-runc|kube_crd@containerd-2"),
+            [
+                "kube_crd_policy@containerd-2.1",
+                "kube_first_instruction@crio-runc"
+            ]
+        );
+        let ci = plan("", "kube@containerd-1.7|kube@crio-crun");
+        let kube_rows = |rows: &[&str]| rows.iter().filter(|s| s.starts_with("kube_")).count();
+        assert_eq!(
+            ci.len(),
+            plan("", "").len() - kube_rows(CONTAINERD_SCENARIOS) - kube_rows(CRIO_SCENARIOS)
+        );
+        assert!(ci
+            .iter()
+            .any(|(s, t)| s.starts_with("kube_") && t.name() == "crio-runc"));
+        assert!(!ci
+            .iter()
+            .any(|(s, t)| s.starts_with("kube_") && t.name() == "crio-crun"));
         // Every planned scenario has a group whose stack its runtime can start.
         for (s, t) in plan("", "") {
             let g = group_of(s);

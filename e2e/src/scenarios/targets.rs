@@ -111,6 +111,9 @@ pub const CRIO_SCENARIOS: &[&str] = &[
     "hooks_d_removal",
     "hooks_d_why_hooks",
     "hooks_d_agent_down",
+    "kube_first_instruction",
+    "kube_label_removal",
+    "kube_crd_policy",
 ];
 
 /// The scenario names on containerd, in run order (each runs once per release).
@@ -127,4 +130,7 @@ pub const CONTAINERD_SCENARIOS: &[&str] = &[
     "base_spec_first_instruction",
     "base_spec_non_matching",
     "nri_systemd_cgroup_identity",
+    "kube_first_instruction",
+    "kube_label_removal",
+    "kube_crd_policy",
 ];
