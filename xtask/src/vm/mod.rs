@@ -443,7 +443,7 @@ impl Part {
 /// The rows of the second guest (`--crio-guest`): the CRI-O ones (runtimes `crio-runc`,
 /// `crio-crun`) and containerd 1.7's. Under TCG on 2 cores (`cargo xtask test`,
 /// 2026-12-01) the CRI-O rows alone took 1,040–1,155 s against 1,930–2,054 s for the
-/// rest; containerd 1.7's rows take ~450 s of those.
+/// rest; containerd 1.7's rows summed to ~290 s in the one-guest matrix run of 2026-11-27.
 const SECOND_GUEST: &str = "crio|containerd-1.7";
 
 /// What `cargo xtask test` leaves to `--all`: the Kubernetes rows run in CI on one
