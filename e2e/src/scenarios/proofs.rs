@@ -71,7 +71,11 @@ async fn start_fate(cri: &mut Cri, id: &str) -> Result<Fate> {
     if let Err(e) = cri.start_container(id).await {
         return Ok(Fate::Refused(format!("{}", e.root_cause())));
     }
-    let deadline = Instant::now() + secs(10);
+    exit_fate(cri, id, Instant::now() + secs(10)).await
+}
+
+/// Waits until `deadline` for container `id` to exit; [`Fate::Running`] if it did not.
+async fn exit_fate(cri: &mut Cri, id: &str, deadline: Instant) -> Result<Fate> {
     while Instant::now() < deadline {
         let (st, _) = cri.container_status(id).await?;
         if st.state == ContainerState::ContainerExited as i32 {
@@ -175,6 +179,15 @@ async fn start_tracers(
     }
     while let Some(r) = set.join_next().await {
         out.push(r??);
+    }
+    // One more window for the ones still running: under load the runtime reports an exit
+    // (runc init refused its exec, or was killed) well after it happened — containerd took
+    // over 60 s once at load 9 — and a late report is not an escape (the trace file, not
+    // this, says whether the entrypoint ran).
+    let mut cri = cri.clone();
+    let deadline = Instant::now() + secs(10);
+    for (_, id, fate, _) in out.iter_mut().filter(|(_, _, f, _)| *f == Fate::Running) {
+        *fate = exit_fate(&mut cri, id, deadline).await?;
     }
     out.sort_by_key(|(i, ..)| *i);
     let repeated = out.iter().flat_map(|(.., r)| r.iter().copied()).collect();
