@@ -246,13 +246,9 @@ fn debug_maps_reads_the_pinned_maps_with_the_agent_down() {
     }
     let mut agent = Agent::start(&["--trust-label-annotation"]);
     let victim = Victim::new();
-    let policy_file = victim.dir.path().join("p.yaml");
-    std::fs::write(
-        &policy_file,
-        policy_yaml("deny-victim", "web", &victim.path, "Deny"),
-    )
-    .unwrap();
-    rthooksctl(&agent, &["policies", "add", policy_file.to_str().unwrap()]);
+    agent
+        .add_policy(&policy_yaml("deny-victim", "web", &victim.path, "Deny"))
+        .unwrap();
     let pod = Cgroup::new("rthooks-maps");
     agent
         .runtime_hook(hook_request(&pod, "c-maps", r#"{"app":"web"}"#))
