@@ -11,7 +11,8 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use rthooks_e2e::containerd::{binaries, Release};
-use rthooks_e2e::{images, scenarios};
+use rthooks_e2e::images;
+use rthooks_e2e::scenarios::{self, Share};
 
 #[derive(Parser)]
 #[command(name = "rthooks-e2e", about = "rthooks end-to-end scenarios")]
@@ -42,6 +43,10 @@ enum Cmd {
         /// Only scenarios whose name contains this (alternatives separated by `|`).
         #[arg(long, env = "RTHOOKS_SCENARIO_FILTER", default_value = "")]
         filter: String,
+        /// This guest's share of the kernel's rows (`cargo xtask e2e --crio-guest` boots
+        /// two guests of each kernel, `first` and `second`); `--filter` chooses within it.
+        #[arg(long, env = "RTHOOKS_GUEST_SHARE", value_enum, default_value_t = Share::All)]
+        share: Share,
         /// Leave out scenarios whose name or runtime contains this (alternatives
         /// separated by `|`; empty: none).
         #[arg(long, env = "RTHOOKS_SCENARIO_EXCLUDE", default_value = "")]
@@ -75,6 +80,7 @@ fn main() -> Result<()> {
             results,
             bin_dir,
             filter,
+            share,
             exclude,
             timeout,
         } => {
@@ -87,6 +93,7 @@ fn main() -> Result<()> {
                 &results,
                 &bin_dir,
                 &filter,
+                share,
                 &exclude,
                 Duration::from_secs(timeout),
             ))?;

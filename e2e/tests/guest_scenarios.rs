@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use rthooks_e2e::scenarios::{plan, run, Share};
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_scenarios_on_this_host() {
     // target/<profile>/deps/<this test> → target/<profile>
@@ -12,9 +14,16 @@ async fn guest_scenarios_on_this_host() {
     let bin_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
     let dir = tempfile::tempdir().unwrap();
     let results = dir.path().join("results.jsonl");
-    let ok = rthooks_e2e::scenarios::run(&results, &bin_dir, "", "", Duration::from_secs(120))
-        .await
-        .unwrap();
+    let ok = run(
+        &results,
+        &bin_dir,
+        "",
+        Share::All,
+        "",
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap();
     let text = std::fs::read_to_string(&results).unwrap();
     eprintln!("{text}");
     let lines: Vec<serde_json::Value> = text
@@ -22,7 +31,7 @@ async fn guest_scenarios_on_this_host() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let planned = lines[0]["plan"].as_array().unwrap().len();
-    assert_eq!(planned, rthooks_e2e::scenarios::plan("", "").len());
+    assert_eq!(planned, plan("", Share::All, "").len());
     assert_eq!(lines.len(), planned + 1, "one result per planned scenario");
     assert!(ok, "a scenario failed:\n{text}");
 }

@@ -3,7 +3,7 @@
 # xtask/src/vm/mod.rs for the environment it sets): boot glue, then the one Rust
 # scenario set, `rthooks-e2e guest` (e2e/src/scenarios/), which writes the plan and
 # one result line per scenario into $RTHOOKS_RESULTS_DIR/results.jsonl and reads the
-# filters (RTHOOKS_SCENARIO_FILTER, RTHOOKS_SCENARIO_EXCLUDE) and the per-scenario
+# filters (RTHOOKS_SCENARIO_FILTER, RTHOOKS_SCENARIO_EXCLUDE, RTHOOKS_GUEST_SHARE) and the per-scenario
 # timeout (RTHOOKS_SCENARIO_TIMEOUT) from the environment.
 set -u
 

@@ -41,6 +41,9 @@ pub use node::TEST_BINARIES_ENV;
 pub use proofs::STARTS;
 pub use results::Verdict;
 pub use runner::{plan, run};
-pub use targets::{Target, CONTAINERD_SCENARIOS, CRIO_SCENARIOS, HOOK_SCENARIOS, NODE_SCENARIOS};
+pub use targets::{
+    Share, Target, CONTAINERD_SCENARIOS, CRIO_SCENARIOS, HOOK_SCENARIOS, NODE_SCENARIOS,
+    SECOND_GUEST,
+};
 pub(crate) use workloads::sleeper;
 pub use workloads::{AUDIT_NAMESPACE_POLICY, AUDIT_POLICY, NAMESPACE_POLICY, POLICY};

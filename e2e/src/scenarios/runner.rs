@@ -18,7 +18,7 @@ use super::lifecycle::{agent_down, removal, runtime_restart, sync_not_covered};
 use super::node::{self, Outcome};
 use super::non_matching::{base_spec_non_matching, non_matching};
 use super::results::{line, uname, Results, Verdict};
-use super::targets::{table, Target, NODE_SCENARIOS};
+use super::targets::{table, Share, Target, NODE_SCENARIOS, SECOND_GUEST};
 use super::workloads::{AUDIT_NAMESPACE_POLICY, AUDIT_POLICY, NAMESPACE_POLICY, POLICY};
 use crate::containerd::{is_root, Options};
 use crate::cri::Cri;
@@ -26,10 +26,11 @@ use crate::kube::AgentApi;
 use crate::oci::{userland_binary, Engine};
 use crate::stack::{Binaries, HookPath, Runtime, RuntimeOptions, Stack};
 
-/// The (scenario, runtime) pairs `filter` chooses and `exclude` does not, in run order:
-/// each is a list of `|`-separated alternatives matched against the scenario's name or
-/// its runtime's, or both as `SCENARIO@RUNTIME` (an empty `exclude` leaves nothing out).
-pub fn plan(filter: &str, exclude: &str) -> Vec<(&'static str, Target)> {
+/// The (scenario, runtime) pairs of this guest's `share` that `filter` chooses and
+/// `exclude` does not, in run order: each is a list of `|`-separated alternatives matched
+/// against the scenario's name or its runtime's, or both as `SCENARIO@RUNTIME` (an empty
+/// `exclude` leaves nothing out).
+pub fn plan(filter: &str, share: Share, exclude: &str) -> Vec<(&'static str, Target)> {
     let names = |pattern: &str, s: &str, t: Target| {
         pattern.split('|').any(|f| match f.split_once('@') {
             Some((scenario, runtime)) => s.contains(scenario) && t.name().contains(runtime),
@@ -38,7 +39,14 @@ pub fn plan(filter: &str, exclude: &str) -> Vec<(&'static str, Target)> {
     };
     table()
         .into_iter()
-        .filter(|(s, t)| names(filter, s, *t) && (exclude.is_empty() || !names(exclude, s, *t)))
+        .filter(|(s, t)| {
+            let shared = match share {
+                Share::All => true,
+                Share::First => !names(SECOND_GUEST, s, *t),
+                Share::Second => names(SECOND_GUEST, s, *t),
+            };
+            shared && names(filter, s, *t) && (exclude.is_empty() || !names(exclude, s, *t))
+        })
         .collect()
 }
 
@@ -171,12 +179,13 @@ pub async fn run(
     results: &Path,
     bin_dir: &Path,
     filter: &str,
+    share: Share,
     exclude: &str,
     timeout: Duration,
 ) -> Result<bool> {
     let out = Results::new(results);
     // `a|b` chooses scenarios whose name or runtime contains a or b.
-    let chosen = plan(filter, exclude);
+    let chosen = plan(filter, share, exclude);
     let lines: Vec<_> = chosen
         .iter()
         .map(|(s, t)| json!({"scenario": s, "runtime": t.name()}))
@@ -543,13 +552,13 @@ mod tests {
     #[test]
     fn a_filter_chooses_by_scenario_or_by_runtime() {
         let names = |f| {
-            plan(f, "")
+            plan(f, Share::All, "")
                 .into_iter()
                 .map(|(s, t)| format!("{s}@{}", t.name()))
                 .collect::<Vec<_>>()
         };
         assert_eq!(
-            plan("", "").len(),
+            plan("", Share::All, "").len(),
             NODE_SCENARIOS.len()
                 + 3 * HOOK_SCENARIOS.len()
                 + 2 * CONTAINERD_SCENARIOS.len()
@@ -568,10 +577,35 @@ mod tests {
         assert_eq!(crun.len(), CRIO_SCENARIOS.len());
         assert!(crun.iter().all(|n| n.ends_with("@crio-crun")));
         assert_eq!(names("crio").len(), 2 * CRIO_SCENARIOS.len());
-        // What the other guest runs when the CRI-O scenarios have their own.
-        let rest = plan("", "crio");
-        assert_eq!(rest.len(), plan("", "").len() - 2 * CRIO_SCENARIOS.len());
-        assert!(rest.iter().all(|(_, t)| !matches!(t, Target::Crio(_))));
+        // The two guests of a kernel (`--crio-guest`) run every row once between them: the
+        // second CRI-O's and containerd 1.7's, the first the rest and 1.7's two proofs.
+        let all = plan("", Share::All, "");
+        let first = plan("", Share::First, "");
+        let second = plan("", Share::Second, "");
+        assert_eq!(first.len() + second.len(), all.len());
+        assert!(all.iter().all(|r| first.contains(r) != second.contains(r)));
+        assert!(all
+            .iter()
+            .filter(|(_, t)| matches!(t, Target::Crio(_)))
+            .all(|r| second.contains(r)));
+        for proof in ["nri_first_instruction", "why_hooks"] {
+            assert!(first.contains(&(proof, Target::Containerd(crate::containerd::Release::V1_7))));
+        }
+        // Each alternative of the split names a row (a renamed scenario would not).
+        for alternative in SECOND_GUEST.split('|') {
+            assert!(
+                !plan(alternative, Share::All, "").is_empty(),
+                "{alternative} names no row"
+            );
+        }
+        // The user's --scenario and --exclude choose within a share.
+        assert_eq!(
+            plan("why_hooks|hooks_d_why", Share::Second, "crio-crun"),
+            [(
+                "hooks_d_why_hooks",
+                Target::Crio(crate::crio::OciRuntime::Runc)
+            )]
+        );
         // SCENARIO@RUNTIME names both: what `cargo xtask test` leaves to `--all`.
         assert_eq!(
             names("kube_first@crio-runc|kube_crd@containerd-2"),
@@ -580,11 +614,13 @@ mod tests {
                 "kube_first_instruction@crio-runc"
             ]
         );
-        let ci = plan("", "kube@containerd-1.7|kube@crio-crun");
+        let ci = plan("", Share::All, "kube@containerd-1.7|kube@crio-crun");
         let kube_rows = |rows: &[&str]| rows.iter().filter(|s| s.starts_with("kube_")).count();
         assert_eq!(
             ci.len(),
-            plan("", "").len() - kube_rows(CONTAINERD_SCENARIOS) - kube_rows(CRIO_SCENARIOS)
+            plan("", Share::All, "").len()
+                - kube_rows(CONTAINERD_SCENARIOS)
+                - kube_rows(CRIO_SCENARIOS)
         );
         assert!(ci
             .iter()
@@ -593,7 +629,7 @@ mod tests {
             .iter()
             .any(|(s, t)| s.starts_with("kube_") && t.name() == "crio-crun"));
         // Every planned scenario has a group whose stack its runtime can start.
-        for (s, t) in plan("", "") {
+        for (s, t) in plan("", Share::All, "") {
             let g = group_of(s);
             let crio_only = g == Group::HooksD;
             let containerd_only = matches!(g, Group::BaseSpec | Group::Systemd);
@@ -628,14 +664,19 @@ mod tests {
                 shell.push((s, rt));
             }
         }
-        let ported: Vec<_> = plan("", "")
+        let ported: Vec<_> = plan("", Share::All, "")
             .into_iter()
             .map(|(s, t)| (s, t.name()))
             .take(shell.len())
             .collect();
         assert_eq!(ported, shell);
         // `--scenario agent_kernel` and `--scenario agent_kprobe` pick one half each.
-        let half = |f| plan(f, "").into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+        let half = |f| {
+            plan(f, Share::All, "")
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
             half("agent_kernel"),
             ["agent_kernel_tests", "agent_kernel_exec_semantics"]

@@ -93,10 +93,11 @@ pub struct E2eArgs {
     /// Both run the same suite and write the same matrix.
     #[arg(long, value_enum, default_value_t = RunnerKind::Qemu)]
     pub runner: RunnerKind,
-    /// Run each kernel's CRI-O and containerd 1.7 rows in a second guest of that kernel,
-    /// booted beside the one that runs the rest (both count towards --jobs; their results
-    /// go into the same matrix column): the two take about as long.
-    #[arg(long, conflicts_with = "scenario")]
+    /// Run each kernel's CRI-O rows and most of containerd 1.7's in a second guest of
+    /// that kernel, booted beside the one that runs the rest (both count towards --jobs;
+    /// their results go into the same matrix column; --scenario and --exclude choose in
+    /// both): the two take about as long.
+    #[arg(long)]
     pub crio_guest: bool,
     /// Guests booted at once. Each TCG guest keeps one host core busy, so more than the
     /// host's cores only makes each slower (and its waits likelier to run out).
@@ -424,9 +425,10 @@ fn in_parallel<T: Sync, R: Send>(items: &[T], jobs: u32, f: impl Fn(&T) -> R + S
 pub enum Part {
     /// Every scenario (or those --scenario chooses).
     All,
-    /// Every scenario but the [`SECOND_GUEST`]'s.
+    /// Every scenario but the second guest's (the e2e crate's `Share::First`).
     First,
-    /// The [`SECOND_GUEST`]'s.
+    /// The CRI-O rows and containerd 1.7's but its two 20-of-20 proofs (`SECOND_GUEST`
+    /// in `e2e/src/scenarios/targets.rs`): the two guests take about as long.
     Second,
 }
 
@@ -439,12 +441,6 @@ impl Part {
         }
     }
 }
-
-/// The rows of the second guest (`--crio-guest`): the CRI-O ones (runtimes `crio-runc`,
-/// `crio-crun`) and containerd 1.7's. Under TCG on 2 cores (`cargo xtask test`,
-/// 2026-12-01) the CRI-O rows alone took 1,040–1,155 s against 1,930–2,054 s for the
-/// rest; containerd 1.7's rows summed to ~290 s in the one-guest matrix run of 2026-11-27.
-const SECOND_GUEST: &str = "crio|containerd-1.7";
 
 /// What `cargo xtask test` leaves to `--all`: the Kubernetes rows run in CI on one
 /// containerd release and one CRI-O runtime (the same code on the others).
@@ -660,19 +656,12 @@ fn job_script(
     test_binaries: &[TestBinary],
     accel: qemu::Accel,
 ) -> String {
-    let user_exclude = args.exclude.clone().unwrap_or_default();
-    let (filter, exclude) = match part {
-        Part::All => (args.scenario.clone().unwrap_or_default(), user_exclude),
-        Part::First => (
-            String::new(),
-            [SECOND_GUEST, &user_exclude]
-                .iter()
-                .filter(|p| !p.is_empty())
-                .copied()
-                .collect::<Vec<_>>()
-                .join("|"),
-        ),
-        Part::Second => (SECOND_GUEST.to_string(), user_exclude),
+    // Each guest chooses its share of the rows itself (the e2e crate knows the table);
+    // the user's --scenario and --exclude hold in both.
+    let share = match part {
+        Part::All => "all",
+        Part::First => "first",
+        Part::Second => "second",
     };
     let ws = workspace_root();
     let vars = [
@@ -699,8 +688,15 @@ fn job_script(
             crate::apiserver::BIN_DIR_ENV,
             crate::apiserver::bin_dir().display().to_string(),
         ),
-        ("RTHOOKS_SCENARIO_FILTER", filter),
-        ("RTHOOKS_SCENARIO_EXCLUDE", exclude),
+        (
+            "RTHOOKS_SCENARIO_FILTER",
+            args.scenario.clone().unwrap_or_default(),
+        ),
+        ("RTHOOKS_GUEST_SHARE", share.to_string()),
+        (
+            "RTHOOKS_SCENARIO_EXCLUDE",
+            args.exclude.clone().unwrap_or_default(),
+        ),
         (
             "RTHOOKS_SCENARIO_TIMEOUT",
             args.scenario_timeout.to_string(),
@@ -782,20 +778,15 @@ mod tests {
         assert!(s.contains("export RTHOOKS_BIN_DIR='/b'\n"));
         assert!(s.contains("export RTHOOKS_VM_ACCEL='tcg'\n"));
         assert!(s.contains("export RTHOOKS_SCENARIO_EXCLUDE='kube@crio-crun'\n"));
-        // The two guests of a kernel split the scenarios between them; --exclude holds in both.
-        let second = job_script("6.12", Part::Second, &args, &[], qemu::Accel::Tcg);
-        assert!(second.contains("export RTHOOKS_SCENARIO_FILTER='crio|containerd-1.7'\n"));
-        assert!(second.contains("export RTHOOKS_SCENARIO_EXCLUDE='kube@crio-crun'\n"));
-        let first = job_script("6.12", Part::First, &args, &[], qemu::Accel::Tcg);
-        assert!(first.contains("export RTHOOKS_SCENARIO_FILTER=''\n"));
-        assert!(first
-            .contains("export RTHOOKS_SCENARIO_EXCLUDE='crio|containerd-1.7|kube@crio-crun'\n"));
-        let alone = E2eArgs {
-            exclude: None,
-            ..args.clone()
-        };
-        let first = job_script("6.12", Part::First, &alone, &[], qemu::Accel::Tcg);
-        assert!(first.contains("export RTHOOKS_SCENARIO_EXCLUDE='crio|containerd-1.7'\n"));
+        assert!(s.contains("export RTHOOKS_GUEST_SHARE='all'\n"));
+        // The two guests of a kernel split the scenarios between them; --scenario and
+        // --exclude hold in both.
+        for (part, share) in [(Part::First, "first"), (Part::Second, "second")] {
+            let s = job_script("6.12", part, &args, &[], qemu::Accel::Tcg);
+            assert!(s.contains(&format!("export RTHOOKS_GUEST_SHARE='{share}'\n")));
+            assert!(s.contains("export RTHOOKS_SCENARIO_FILTER='it'\\''s'\n"));
+            assert!(s.contains("export RTHOOKS_SCENARIO_EXCLUDE='kube@crio-crun'\n"));
+        }
         assert_eq!(Part::Second.results_dir("6.12"), "6.12-second");
         assert!(s.lines().last().unwrap().starts_with("exec /bin/bash '"));
         let demo = E2eArgs {
