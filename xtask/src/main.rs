@@ -66,6 +66,9 @@ enum Command {
     Vm(vm::Select),
     /// Boot each kernel in QEMU, run the e2e suite inside, print the kernel matrix.
     E2e(vm::E2eArgs),
+    /// Merge e2e runs into the README's kernel matrix (`vm/matrix.json` keeps every
+    /// run's newest cells, so `e2e --all` may be run in parts, days or machines apart).
+    Matrix(vm::MatrixArgs),
 }
 
 /// Every binary in release, and the hook and its installer again for musl: those are what
@@ -121,6 +124,7 @@ fn main() -> Result<()> {
         }
         Command::Vm(select) => vm::vm(&select),
         Command::E2e(args) => vm::e2e(&args),
+        Command::Matrix(args) => vm::matrix(&args),
     }
 }
 

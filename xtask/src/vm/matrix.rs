@@ -28,6 +28,10 @@ pub struct Row {
     pub detail: String,
     pub seconds: f64,
     pub enforcement_mode: String,
+    /// When the run that wrote it ended (`YYYY-MM-DD HH:MM UTC`): a merged matrix
+    /// ([`Merged`]) holds cells of several runs.
+    #[serde(default)]
+    pub date: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -75,6 +79,7 @@ pub fn parse_results(kernel: &str, text: &str, guest_problem: Option<&str>) -> V
         detail: String::new(),
         seconds: 0.0,
         enforcement_mode: String::new(),
+        date: String::new(),
     };
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         match serde_json::from_str::<GuestLine>(line) {
@@ -206,16 +211,28 @@ pub fn render_md(rows: &[Row], kernels: &[String], generated: &str) -> String {
     out
 }
 
-/// The README's copy of the matrix: both tables (a failed or skipped cell says only that),
-/// then every failure and skip with its reason, each distinct reason once with the
-/// scenarios, runtimes and kernels it applies to (the pass details stay in `matrix.md`).
-pub fn render_readme(rows: &[Row], kernels: &[String], generated: &str, guests: &str) -> String {
+/// The README's copy of the matrix: the runs its cells come from, both tables (a failed
+/// or skipped cell says only that), then every failure and skip with its reason, each
+/// distinct reason once with the scenarios, runtimes and kernels it applies to (the pass
+/// details stay in `matrix.md`).
+pub fn render_readme(merged: &Merged, kernels: &[String]) -> String {
+    let rows = &merged.rows;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Generated {generated} by `cargo xtask e2e {}--update-readme` ({guests}).\n",
-        if kernels.len() > 1 { "--all " } else { "" }
+        "Merged from these runs of `cargo xtask e2e` (their cells: `{MERGED_FILE}`):\n"
     );
+    for run in &merged.runs {
+        let _ = writeln!(
+            out,
+            "- {}: `{}` ({}; {})",
+            run.date,
+            run.command,
+            run.accel,
+            run.guests.join("; ")
+        );
+    }
+    let _ = writeln!(out);
     tables(&mut out, rows, kernels, readme_cell);
     // One note per distinct (verdict, scenario, reason), in the order met.
     struct Note<'a> {
@@ -376,6 +393,94 @@ fn tables(out: &mut String, rows: &[Row], kernels: &[String], cell: fn(&Row) -> 
     }
 }
 
+/// Where the merged matrix is kept, from the workspace root: in git, so runs on other
+/// days and machines add to it.
+pub const MERGED_FILE: &str = "vm/matrix.json";
+
+/// One `cargo xtask e2e` run, as the merged matrix names it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    /// When it ended; its rows carry the same [`Row::date`].
+    pub date: String,
+    /// The command line, as a user would type it again.
+    pub command: String,
+    /// `tcg via QEMU`, `kvm via virtme-ng`.
+    pub accel: String,
+    /// How each guest ended (`5.10: 5.10.0-32-amd64 — guest finished (job exit code 0)
+    /// in 1637.4 s`).
+    pub guests: Vec<String>,
+}
+
+/// The cells of several runs, the newest per (kernel, scenario, runtime): the README
+/// matrix's source ([`MERGED_FILE`]), so `--all` may be run in parts (`--kernel`,
+/// `--scenario`), on several days or machines. Each run also writes its own
+/// (`target/e2e/run.json`), which `cargo xtask matrix --add` merges.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Merged {
+    pub runs: Vec<Run>,
+    pub rows: Vec<Row>,
+}
+
+/// Longest reason a merged cell keeps (what the README's notes show); the run's own
+/// `matrix.json` keeps all of it, and its `matrix.md` the pass details.
+const MERGED_REASON_CHARS: usize = 300;
+
+impl Merged {
+    /// Adds `run`'s `rows`. A cell of the same (kernel, scenario, runtime) is replaced;
+    /// every earlier cell of a kernel in `whole` (run without a scenario filter) goes, so
+    /// renamed or removed scenarios leave no stale rows. Rows keep the order the runs
+    /// met them in: a new (scenario, runtime) goes after the one the run had before it.
+    pub fn add(&mut self, run: Run, rows: &[Row], whole: &[String]) {
+        let key = |r: &Row| (r.scenario.clone(), r.runtime.clone());
+        self.rows.retain(|old| {
+            !whole.contains(&old.kernel) && !rows.iter().any(|new| same_cell(old, new))
+        });
+        let mut previous: Option<(String, String)> = None;
+        for new in rows {
+            let mut row = new.clone();
+            row.date.clone_from(&run.date);
+            row.detail.clear();
+            row.reason = cut(&row.reason, MERGED_REASON_CHARS);
+            let at = self
+                .rows
+                .iter()
+                .rposition(|r| key(r) == key(&row))
+                .or_else(|| {
+                    previous
+                        .as_ref()
+                        .and_then(|p| self.rows.iter().rposition(|r| &key(r) == p))
+                })
+                .map_or(self.rows.len(), |i| i + 1);
+            previous = Some(key(&row));
+            self.rows.insert(at, row);
+        }
+        self.runs.retain(|r| r.date != run.date);
+        self.runs.push(run);
+        let rows = &self.rows;
+        self.runs
+            .retain(|r| rows.iter().any(|row| row.date == r.date));
+    }
+
+    /// The kernels with cells, in `order` (kernels.toml's) first, others as met.
+    pub fn kernels(&self, order: &[String]) -> Vec<String> {
+        let mut out: Vec<String> = order
+            .iter()
+            .filter(|k| self.rows.iter().any(|r| &r.kernel == *k))
+            .cloned()
+            .collect();
+        for r in &self.rows {
+            if !out.contains(&r.kernel) {
+                out.push(r.kernel.clone());
+            }
+        }
+        out
+    }
+}
+
+fn same_cell(a: &Row, b: &Row) -> bool {
+    a.kernel == b.kernel && a.scenario == b.scenario && a.runtime == b.runtime
+}
+
 pub fn render_json(rows: &[Row]) -> String {
     serde_json::to_string_pretty(rows).expect("rows serialise") + "\n"
 }
@@ -461,6 +566,7 @@ mod tests {
             detail: "".into(),
             seconds: 1.25,
             enforcement_mode: "sigkill".into(),
+            date: String::new(),
         });
         let md = render_md(&rows, &["5.10".into(), "6.12".into()], "2026-01-01T00:00Z");
         assert!(md.contains("| scenario | runtime | 5.10 | 6.12 |"), "{md}");
@@ -497,7 +603,7 @@ mod tests {
         let mut rows = parse_results("6.12", GUEST, Some("guest killed at the deadline (600 s)"));
         rows[1].result = Verdict::Skip;
         rows[1].reason = "CRI-O is not obtainable here".into();
-        let section = render_readme(&rows, &["6.12".into()], "2026-11-27 15:00 UTC", "tcg");
+        let section = render_readme(&merged(&rows), &["6.12".into()]);
         assert!(section.contains("| kernel | uname | enforcement | pass | fail | skip |"));
         assert!(
             section.contains("| 6.12 | 6.12.117+deb13-amd64 | - | 1 | 2 | 1 |"),
@@ -526,7 +632,10 @@ mod tests {
         let readme = format!("# x\n\n{README_BEGIN}\nold\n{README_END}\n\ntail\n");
         let new = splice_readme(&readme, &section).unwrap();
         assert!(!new.contains("old"));
-        assert!(new.starts_with(&format!("# x\n\n{README_BEGIN}\nGenerated 2026-11-27")));
+        assert!(new.starts_with(&format!("# x\n\n{README_BEGIN}\nMerged from")));
+        assert!(section.contains(
+            "- 2026-11-27 15:00 UTC: `cargo xtask e2e` (tcg via QEMU; 6.12: guest killed)\n"
+        ));
         assert!(new.ends_with(&format!("\n{README_END}\n\ntail\n")));
         // Idempotent: splicing the same section again changes nothing.
         assert_eq!(splice_readme(&new, &section).unwrap(), new);
@@ -550,7 +659,7 @@ mod tests {
         rows[1].result = Verdict::Fail;
         rows[1].reason = "shim did not start".into();
         let kernels = ["5.10".to_string(), "6.12".to_string()];
-        let section = render_readme(&rows, &kernels, "now", "tcg");
+        let section = render_readme(&merged(&rows), &kernels);
         assert!(
             section.contains("- crio (crio) on every kernel — skip: CRI-O not obtainable here"),
             "{section}"
@@ -566,5 +675,83 @@ mod tests {
             section.contains("| crio | crio | skip | skip |"),
             "{section}"
         );
+    }
+
+    /// `rows` as the one run of a merged matrix.
+    fn merged(rows: &[Row]) -> Merged {
+        let mut m = Merged::default();
+        m.add(run("2026-11-27 15:00 UTC"), rows, &[]);
+        m
+    }
+
+    fn run(date: &str) -> Run {
+        Run {
+            date: date.into(),
+            command: "cargo xtask e2e".into(),
+            accel: "tcg via QEMU".into(),
+            guests: vec!["6.12: guest killed".into()],
+        }
+    }
+
+    #[test]
+    fn merging_runs_keeps_the_newest_cell_and_replaces_whole_kernels() {
+        let six = parse_results("6.12", GUEST, None);
+        let five = parse_results("5.10", GUEST, None);
+        let mut m = Merged::default();
+        m.add(run("d1"), &[six.clone(), five.clone()].concat(), &[]);
+        assert_eq!(m.rows.len(), 6);
+        // A part: one 5.10 cell again (it failed this time), and a new row after boot.
+        let mut part = vec![five[1].clone()];
+        part[0].result = Verdict::Fail;
+        part[0].reason = "x".repeat(400);
+        part[0].detail = "log".into();
+        let mut new = five[0].clone();
+        new.scenario = "late_boot".into();
+        part.insert(0, five[0].clone());
+        part.insert(1, new);
+        m.add(run("d2"), &part, &[]);
+        let cell = |m: &Merged, k: &str, s: &str| {
+            m.rows
+                .iter()
+                .find(|r| r.kernel == k && r.scenario == s)
+                .cloned()
+        };
+        let replaced = cell(&m, "5.10", "containerd_starts").unwrap();
+        assert_eq!(
+            (replaced.result, replaced.date.as_str()),
+            (Verdict::Fail, "d2")
+        );
+        assert_eq!(replaced.reason.chars().count(), MERGED_REASON_CHARS + 1);
+        assert!(
+            replaced.detail.is_empty(),
+            "details stay in the run's matrix.md"
+        );
+        assert_eq!(cell(&m, "6.12", "containerd_starts").unwrap().date, "d1");
+        assert_eq!(m.rows.len(), 7);
+        let order = ordered(m.rows.iter().map(|r| r.scenario.as_str()));
+        assert_eq!(
+            order,
+            ["boot", "late_boot", "containerd_starts", "agent_starts"]
+        );
+        assert_eq!(
+            m.runs.iter().map(|r| r.date.as_str()).collect::<Vec<_>>(),
+            ["d1", "d2"]
+        );
+        // A whole 6.12 run replaces its column; d1 keeps only 5.10's agent_starts.
+        m.add(run("d3"), &six[..1], &["6.12".into()]);
+        assert!(cell(&m, "6.12", "agent_starts").is_none());
+        assert_eq!(cell(&m, "5.10", "agent_starts").unwrap().date, "d1");
+        m.add(run("d4"), &five, &["5.10".into()]);
+        assert_eq!(
+            m.runs.iter().map(|r| r.date.as_str()).collect::<Vec<_>>(),
+            ["d3", "d4"],
+            "a run with no cell left is no longer named"
+        );
+        assert_eq!(
+            m.kernels(&["6.12".into(), "5.10".into(), "7.2".into()]),
+            ["6.12", "5.10"]
+        );
+        let back: Merged = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
     }
 }

@@ -351,6 +351,9 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
             .unwrap_or_default()
             .trim()
             .to_string();
+    for r in &mut rows {
+        r.date.clone_from(&generated);
+    }
     let mut md = matrix::render_md(&rows, &names, &generated);
     md.push_str(&format!(
         "\n## Guests\n\nAccelerator: {}.\n\n",
@@ -361,26 +364,50 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
     }
     std::fs::write(out_dir.join("matrix.md"), &md)?;
     std::fs::write(out_dir.join("matrix.json"), matrix::render_json(&rows))?;
-    if args.update_readme {
-        let guests = format!(
-            "{} via {}, {}",
+    let run = matrix::Run {
+        date: generated.clone(),
+        command: std::iter::once("cargo xtask".to_string())
+            .chain(std::env::args().skip(1).map(|a| {
+                if a.contains(|c: char| c.is_whitespace() || c == '|') {
+                    sh_quote(&a)
+                } else {
+                    a
+                }
+            }))
+            .collect::<Vec<_>>()
+            .join(" "),
+        accel: format!(
+            "{} via {}",
             accel.name(),
             match args.runner {
                 RunnerKind::Qemu => "QEMU",
                 RunnerKind::Vng => "virtme-ng",
-            },
-            summary
-                .iter()
-                .map(|s| s.split(" (console:").next().unwrap_or(s).to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        );
-        let section = matrix::render_readme(&rows, &names, &generated, &guests);
-        let readme = workspace_root().join("README.md");
-        let text = std::fs::read_to_string(&readme)?;
-        let new = matrix::splice_readme(&text, &section).map_err(anyhow::Error::msg)?;
-        std::fs::write(&readme, new)?;
-        eprintln!("e2e: updated the matrix in {}", readme.display());
+            }
+        ),
+        guests: summary
+            .iter()
+            .map(|s| s.split(" (console:").next().unwrap_or(s).to_string())
+            .collect(),
+    };
+    // A run without a scenario filter speaks for its kernels' whole columns.
+    let whole = if args.scenario.is_none() && args.exclude.is_none() {
+        names.clone()
+    } else {
+        Vec::new()
+    };
+    let this_run = matrix::Merged {
+        runs: vec![run],
+        rows: rows.clone(),
+    };
+    std::fs::write(
+        out_dir.join(RUN_FILE),
+        serde_json::to_string_pretty(&RunFile {
+            whole: whole.clone(),
+            merged: this_run,
+        })? + "\n",
+    )?;
+    if args.update_readme {
+        merge_into_readme(&[out_dir.join(RUN_FILE)])?;
     }
     println!("\n{md}");
     eprintln!(
@@ -544,6 +571,94 @@ fn run_kernel(
 
 /// `cargo xtask demo`: boots the default kernel and runs `rthooks-e2e demo` in it, which
 /// narrates the whole stack stopping a selected pod at its first exec.
+/// What a run leaves for `cargo xtask matrix --add` (beside its `matrix.json`).
+const RUN_FILE: &str = "run.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RunFile {
+    /// The kernels it ran every scenario of.
+    whole: Vec<String>,
+    #[serde(flatten)]
+    merged: matrix::Merged,
+}
+
+/// `cargo xtask matrix`: the README matrix from the merged results.
+#[derive(clap::Args, Clone, Debug)]
+pub struct MatrixArgs {
+    /// A run to merge first: its `run.json`, or the e2e output directory holding it
+    /// (another checkout's `target/e2e`). Repeatable; merged in the order given.
+    #[arg(long, value_name = "PATH")]
+    pub add: Vec<PathBuf>,
+}
+
+/// `cargo xtask matrix`: merges the runs given into `vm/matrix.json` and writes the
+/// README's matrix from it (with none, only rewrites the README).
+pub fn matrix(args: &MatrixArgs) -> Result<()> {
+    let files: Vec<PathBuf> = args
+        .add
+        .iter()
+        .map(|p| {
+            if p.is_dir() {
+                p.join(RUN_FILE)
+            } else {
+                p.clone()
+            }
+        })
+        .collect();
+    merge_into_readme(&files)
+}
+
+/// Merges each run file into the merged matrix (in git, [`matrix::MERGED_FILE`]) and
+/// splices the README's matrix section from it.
+fn merge_into_readme(run_files: &[PathBuf]) -> Result<()> {
+    let merged_path = workspace_root().join(matrix::MERGED_FILE);
+    let mut merged: matrix::Merged = match std::fs::read_to_string(&merged_path) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a merged matrix", merged_path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => matrix::Merged::default(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", merged_path.display())),
+    };
+    for file in run_files {
+        let text = std::fs::read_to_string(file).with_context(|| {
+            format!(
+                "reading {} (a run of `cargo xtask e2e` writes it)",
+                file.display()
+            )
+        })?;
+        let run: RunFile = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a run's {RUN_FILE}", file.display()))?;
+        for r in run.merged.runs {
+            let rows: Vec<matrix::Row> = run
+                .merged
+                .rows
+                .iter()
+                .filter(|row| row.date == r.date)
+                .cloned()
+                .collect();
+            eprintln!(
+                "matrix: adding {} cells of {} ({})",
+                rows.len(),
+                r.date,
+                r.command
+            );
+            merged.add(r, &rows, &run.whole);
+        }
+    }
+    std::fs::write(&merged_path, serde_json::to_string_pretty(&merged)? + "\n")?;
+    let order: Vec<String> = config()?.kernels.iter().map(|k| k.name.clone()).collect();
+    let section = matrix::render_readme(&merged, &merged.kernels(&order));
+    let readme = workspace_root().join("README.md");
+    let text = std::fs::read_to_string(&readme)?;
+    let new = matrix::splice_readme(&text, &section).map_err(anyhow::Error::msg)?;
+    std::fs::write(&readme, new)?;
+    eprintln!(
+        "matrix: wrote {} and the matrix in {}",
+        merged_path.display(),
+        readme.display()
+    );
+    Ok(())
+}
+
 pub fn demo() -> Result<()> {
     let args = E2eArgs {
         select: Select {
