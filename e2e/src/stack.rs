@@ -17,6 +17,7 @@ use crate::crio::Crio;
 use crate::kube::AgentApi;
 use crate::oci::{Engine, HookCommand, OciNode};
 use crate::timing::wait_until;
+use rthooks_testkit::{Agent, AgentSpec};
 
 /// How the hook gets into containers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -232,8 +233,8 @@ pub struct Stack {
     pub address: String,
     /// Scratch directory (policies, logs, events, agent state).
     pub dir: tempfile::TempDir,
-    /// The agent, when running.
-    pub agent: Option<Proc>,
+    /// The agent, when running (the test kit's launcher, as in the agent's own tests).
+    pub agent: Option<Agent>,
     /// The NRI plugin, when running.
     pub plugin: Option<Proc>,
     pin_dir: PathBuf,
@@ -458,27 +459,23 @@ impl Stack {
             .as_ref()
             .map(|api| api.agent_flags())
             .unwrap_or_else(|| vec!["--trust-label-annotation".into()]);
-        let extra: Vec<&str> = api_flags.iter().map(String::as_str).collect();
-        let proc = spawn_agent(&self.bins, &self.address, &self.pin_dir, d, &extra)?;
-        self.agent = Some(proc);
-        if !wait_until(Duration::from_secs(60), || sock.exists()).await {
-            bail!(
-                "the agent did not open its socket:\n{}",
-                self.agent.as_ref().unwrap().log_text()
-            );
-        }
+        let agent = start_agent(agent_spec(&self.bins, &self.pin_dir, d).args(api_flags)).await?;
+        debug_assert_eq!(agent.address(), self.address);
+        let agent = self.agent.insert(agent);
         if let Some(api) = &self.kube {
             // Until its pod store has listed, registrations without trusted labels fail.
             if let Err(e) = api.wait_ready().await {
-                bail!("{e:#}:\n{}", self.agent.as_ref().unwrap().log_text());
+                bail!("{e:#}:\n{}", agent.log());
             }
         }
         Ok(())
     }
 
-    /// Stops the agent (its pins stay: enforcement goes on without it).
+    /// Stops the agent (SIGTERM; its pins stay: enforcement goes on without it).
     pub fn stop_agent(&mut self) {
-        self.agent.take();
+        if let Some(mut agent) = self.agent.take() {
+            agent.terminate(Duration::from_secs(10));
+        }
     }
 
     /// Starts the NRI plugin and waits for its registration.
@@ -611,34 +608,22 @@ impl Stack {
     }
 }
 
-/// Starts `rthooks-agent` with everything of its own in `dir`: socket `address`, pins in
-/// `pin_dir`, policies `dir/policies` (written before: it loads them before it answers),
-/// state `dir/agent-state`, events as JSON lines in `dir/events.jsonl`, log
-/// `dir/agent.log`; `extra` flags after those. Starting again with the same `dir` is a
-/// restart (same state, pins and policies).
-pub fn spawn_agent(
-    bins: &Binaries,
-    address: &str,
-    pin_dir: &Path,
-    dir: &Path,
-    extra: &[&str],
-) -> Result<Proc> {
-    std::fs::create_dir_all(dir.join("policies"))?;
-    Proc::spawn(
-        Command::new(&bins.agent)
-            .arg("--grpc-address")
-            .arg(address)
-            .arg("--bpf-pin-dir")
-            .arg(pin_dir)
-            .arg("--policy-dir")
-            .arg(dir.join("policies"))
-            .arg("--state-dir")
-            .arg(dir.join("agent-state"))
-            .arg("--events-file")
-            .arg(dir.join("events.jsonl"))
-            .args(extra),
-        dir.join("agent.log"),
-    )
+/// `rthooks-agent` with everything of its own in `dir` (socket `agent.sock`, policies
+/// `policies/`, written before: it loads them before it answers; state, events as JSON
+/// lines in `events.jsonl`, log `agent.log`) and its pins in `pin_dir`, which outlive it
+/// (enforcement goes on without the agent; whoever pins unpins). Starting again with the
+/// same `dir` is a restart (same state, pins and policies).
+pub fn agent_spec(bins: &Binaries, pin_dir: &Path, dir: &Path) -> AgentSpec {
+    AgentSpec::new(&bins.agent)
+        .dir(dir)
+        .pin_dir(pin_dir)
+        .keep_pins()
+}
+
+/// Starts the agent `spec` says and waits for its socket, off the async threads (the
+/// launcher polls; under TCG the agent takes seconds to load its programs).
+pub async fn start_agent(spec: AgentSpec) -> Result<Agent> {
+    Ok(tokio::task::spawn_blocking(move || spec.start()).await??)
 }
 
 impl Drop for Stack {

@@ -477,6 +477,13 @@ impl Agent {
         }
     }
 
+    /// Whether its process still runs (false once it exited, was stopped or never started).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
     /// Its process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

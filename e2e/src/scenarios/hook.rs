@@ -531,7 +531,7 @@ pub(super) async fn removal(stack: &mut Stack) -> Result<String> {
     let via = if stack
         .agent
         .as_ref()
-        .is_some_and(|a| a.log_text().contains("cgroup removed; container forgotten"))
+        .is_some_and(|a| a.log().contains("cgroup removed; container forgotten"))
     {
         "the kernel's cgroup_rmdir event"
     } else {

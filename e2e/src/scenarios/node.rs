@@ -12,7 +12,7 @@ use super::results::Verdict;
 use crate::containerd::{Containerd, Options, Release};
 use crate::cri::PodSpec;
 use crate::oci::{Engine, OciNode};
-use crate::stack::{spawn_agent, Binaries};
+use crate::stack::{agent_spec, start_agent, Binaries};
 use crate::timing::{secs, wait_until};
 
 /// A node scenario's verdict and the enforcement mode it saw (empty: none).
@@ -134,24 +134,29 @@ pub(super) async fn agent_starts(bin_dir: &Path) -> Result<Outcome> {
         Err(e) => return Ok(Verdict::skip(e.to_string()).into()),
     };
     let dir = tempfile::Builder::new().prefix("rths-agent-").tempdir()?;
-    let address = format!("unix://{}", dir.path().join("agent.sock").display());
     let pin_dir = PathBuf::from("/sys/fs/bpf/rthooks-e2e");
-    let mut agent = spawn_agent(&bins, &address, &pin_dir, dir.path(), &[])?;
-    let status = || {
-        let out = std::process::Command::new(&bins.ctl)
-            .args(["--address", &address, "-o", "json", "status"])
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| serde_json::from_slice::<serde_json::Value>(&out.stdout).ok())
-            .flatten()
+    let (answered, s, log) = match start_agent(agent_spec(&bins, &pin_dir, dir.path())).await {
+        Ok(mut agent) => {
+            let address = agent.address();
+            let status = || {
+                let out = std::process::Command::new(&bins.ctl)
+                    .args(["--address", &address, "-o", "json", "status"])
+                    .output()
+                    .ok()?;
+                out.status
+                    .success()
+                    .then(|| serde_json::from_slice::<serde_json::Value>(&out.stdout).ok())
+                    .flatten()
+            };
+            let answered = wait_until(secs(10), || status().is_some() || !agent.running()).await
+                && status().is_some();
+            let s = status().unwrap_or_default();
+            agent.terminate(secs(10));
+            (answered, s, agent.log())
+        }
+        // The launcher's error carries the log.
+        Err(e) => (false, serde_json::Value::default(), format!("{e:#}")),
     };
-    let answered =
-        wait_until(secs(10), || status().is_some() || !agent.running()).await && status().is_some();
-    let s = status().unwrap_or_default();
-    agent.stop();
-    let log = agent.log_text();
     // Its pinned programs would otherwise keep enforcing for the rest of the guest.
     let unpinned = std::process::Command::new(&bins.agent)
         .arg("--unpin")
