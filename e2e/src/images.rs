@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::{Context, Result};
 
 use rthooks_testkit::cache_dir;
-use rthooks_testkit::debian::{self, CacheLock, Package};
+use rthooks_testkit::debian::{self, CacheLock, BUSYBOX_STATIC};
 
 use crate::command::run;
 
@@ -18,13 +18,6 @@ use crate::command::run;
 pub const PAUSE_IMAGE: &str = "localhost/pause:1";
 /// A busybox image (`/bin/busybox` plus applet links); default command `/bin/sh`.
 pub const BUSYBOX_IMAGE: &str = "localhost/busybox:1";
-
-/// busybox-static from trixie.
-pub const BUSYBOX_STATIC: Package = Package {
-    name: "busybox-static",
-    suite: "trixie",
-    version_prefix: "1.37",
-};
 
 const PAUSE_C: &str = r#"
 #include <signal.h>

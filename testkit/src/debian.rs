@@ -574,6 +574,13 @@ pub struct Package {
     pub version_prefix: &'static str,
 }
 
+/// busybox-static from trixie: the e2e harness's busybox image, and the initramfs's shell.
+pub const BUSYBOX_STATIC: Package = Package {
+    name: "busybox-static",
+    suite: "trixie",
+    version_prefix: "1.37",
+};
+
 /// Downloads (once, verified) and unpacks (once) `pkg` into
 /// `<cache>/userland/<name>-<prefix>-<suite>`; returns that root (holding `usr/bin/...`).
 /// An unpacked tree is returned without asking apt or taking the lock: the VM guests

@@ -169,6 +169,9 @@ pub fn prepare(
     kernel_dirs: &[PathBuf],
     stats: &mut FetchStats,
 ) -> Result<Vec<Prepared>> {
+    // The initramfs's shell: the tree the e2e crate's busybox image comes from (it takes
+    // the cache lock itself, so before this function does).
+    let busybox_root = debian::unpacked(&debian::BUSYBOX_STATIC)?;
     let _lock = debian::CacheLock::acquire()?;
     let apt = Apt::new(&config.suites())?;
     for u in &config.userland {
@@ -204,9 +207,9 @@ pub fn prepare(
     }
     let busybox = ["bin/busybox", "usr/bin/busybox"]
         .iter()
-        .map(|p| userland_dir("busybox").join(p))
+        .map(|p| busybox_root.join(p))
         .find(|p| p.exists())
-        .context("kernels.toml must list a `busybox` userland with busybox-static")?;
+        .with_context(|| format!("no busybox in {}", busybox_root.display()))?;
     let init = workspace_root().join("vm/guest/init");
     let mut out = Vec::new();
     for k in kernels {
