@@ -353,24 +353,22 @@ impl OciNode {
         shared: &Path,
         args: &[&str],
     ) -> Result<Ran> {
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let mut ran = self
-            .run_all(pod, shared, &[(name.to_string(), args)])
-            .await?;
+        let mut ran = self.run_all(pod, shared, &[(name, args.to_vec())]).await?;
         Ok(ran.remove(0))
     }
 
     /// Runs fresh containers `(name, args)` of `pod` at once, each in the foreground, and
     /// removes them; what each returned, in order.
-    pub async fn run_all(
+    pub async fn run_all<S: AsRef<str>>(
         &self,
         pod: &PodSpec,
         shared: &Path,
-        runs: &[(String, Vec<String>)],
+        runs: &[(S, Vec<S>)],
     ) -> Result<Vec<Ran>> {
         let mut children = Vec::new();
         for (name, args) in runs {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let name = name.as_ref();
+            let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
             let mut cmd = self.run_command(name, pod, shared, &args, false)?;
             let child = cmd
                 .stdin(Stdio::null())
