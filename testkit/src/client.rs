@@ -17,6 +17,13 @@ pub(crate) fn runtime() -> tokio::runtime::Runtime {
 }
 
 impl Agent {
+    /// The client runtime, made on first use: an agent whose API is never called (the
+    /// e2e suite's, started from async code) has none, and so none to drop there, which
+    /// tokio refuses.
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.get_or_init(runtime)
+    }
+
     /// The agent's events, parsed (lines that are not JSON are skipped).
     pub fn events(&self) -> Vec<serde_json::Value> {
         self.event_lines()
@@ -27,12 +34,12 @@ impl Agent {
 
     /// Runs a future on this agent's client runtime.
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.rt.block_on(f)
+        self.rt().block_on(f)
     }
 
     /// A gRPC channel to the agent; panics when it does not answer in 5 s.
     pub fn channel(&self) -> tonic::transport::Channel {
-        self.rt
+        self.rt()
             .block_on(rthooks_api::client::connect_unix(
                 &self.address(),
                 Duration::from_secs(5),
@@ -46,7 +53,7 @@ impl Agent {
 
     /// `Status`, or None when the agent does not answer.
     pub fn try_status(&self) -> Option<v1::StatusResponse> {
-        self.rt.block_on(async {
+        self.rt().block_on(async {
             let ch = rthooks_api::client::connect_unix(&self.address(), Duration::from_secs(1))
                 .await
                 .ok()?;
@@ -81,7 +88,7 @@ impl Agent {
     /// `ListContainers`.
     pub fn containers(&self) -> Vec<v1::Container> {
         let mut api = self.api();
-        self.rt
+        self.rt()
             .block_on(api.list_containers(v1::ListContainersRequest {}))
             .expect("ListContainers")
             .into_inner()
@@ -91,7 +98,7 @@ impl Agent {
     /// `ListPolicies`.
     pub fn policies(&self) -> Vec<v1::Policy> {
         let mut api = self.api();
-        self.rt
+        self.rt()
             .block_on(api.list_policies(v1::ListPoliciesRequest {}))
             .expect("ListPolicies")
             .into_inner()
@@ -101,7 +108,7 @@ impl Agent {
     /// `AddPolicy`.
     pub fn add_policy(&self, yaml: &str) -> Result<v1::Policy, tonic::Status> {
         let mut api = self.api();
-        self.rt
+        self.rt()
             .block_on(api.add_policy(v1::AddPolicyRequest { yaml: yaml.into() }))
             .map(|r| r.into_inner().policy.expect("AddPolicy returns the policy"))
     }
@@ -109,7 +116,7 @@ impl Agent {
     /// `DeletePolicy` of a cluster-wide policy.
     pub fn delete_policy(&self, name: &str) -> Result<(), tonic::Status> {
         let mut api = self.api();
-        self.rt
+        self.rt()
             .block_on(api.delete_policy(v1::DeletePolicyRequest {
                 name: name.into(),
                 namespace: String::new(),
@@ -120,7 +127,7 @@ impl Agent {
     /// `CheckPolicy`: the containers a policy would select.
     pub fn check_policy(&self, yaml: &str) -> Vec<v1::Container> {
         let mut api = self.api();
-        self.rt
+        self.rt()
             .block_on(api.check_policy(v1::CheckPolicyRequest { yaml: yaml.into() }))
             .expect("CheckPolicy")
             .into_inner()
@@ -130,7 +137,7 @@ impl Agent {
     /// What the OCI hook sends, through the same gRPC method.
     pub fn runtime_hook(&self, req: CreateContainer) -> Result<(), tonic::Status> {
         let mut client = FineGuidanceSensorsClient::new(self.channel());
-        self.rt
+        self.rt()
             .block_on(client.runtime_hook(RuntimeHookRequest {
                 event: Some(runtime_hook_request::Event::CreateContainer(req)),
             }))

@@ -324,7 +324,7 @@ impl AgentSpec {
             keep_pins: self.keep_pins,
             child: None,
             #[cfg(feature = "client")]
-            rt: client::runtime(),
+            rt: std::sync::OnceLock::new(),
         };
         agent.respawn()?;
         Ok(agent)
@@ -382,7 +382,7 @@ pub struct Agent {
     keep_pins: bool,
     child: Option<Child>,
     #[cfg(feature = "client")]
-    rt: tokio::runtime::Runtime,
+    rt: std::sync::OnceLock<tokio::runtime::Runtime>,
 }
 
 impl std::fmt::Debug for Agent {
