@@ -91,7 +91,7 @@ async fn exit_fate(cri: &mut Cri, id: &str, deadline: Instant) -> Result<Fate> {
 }
 
 /// Starts that failed inside containerd before any process of the container existed, so
-/// before any hook ran: neither an escape nor a proof. Both were seen only with containerd
+/// before any hook ran: neither an escape nor a proof. Each was seen only with containerd
 /// 1.7.24 on 5.10 guests under load. Says what happened, for the detail.
 pub(super) fn start_lost_by_runtime(error: &str) -> Option<&'static str> {
     if error.contains("/proc/0/ns/") {
@@ -101,6 +101,11 @@ pub(super) fn start_lost_by_runtime(error: &str) -> Option<&'static str> {
         // "try create new shim socket 2x: … address already in use": the pod's shim did
         // not answer in time, and containerd would not start another.
         Some("containerd could not start or reach the pod's shim")
+    } else if error.contains("failed to create shim task: ttrpc: closed") {
+        // The pod's shim went away while creating the task, before runc ran any hook:
+        // seen once on 5.10 under load (kube_first_instruction, containerd 1.7.24, 2026-12-01:
+        // "shim disconnected" 14 s after StartContainer; the agent never saw the container).
+        Some("the pod's shim disconnected while creating the task")
     } else {
         None
     }
@@ -393,6 +398,11 @@ mod tests {
                     /run/containerd/s/7328: bind: address already in use: exit status 1: unknown";
         assert!(start_lost_by_runtime(pid0).unwrap().contains("9160"));
         assert!(start_lost_by_runtime(shim).unwrap().contains("shim"));
+        let closed = "code: 'Unknown error', message: \"failed to create containerd task: \
+                      failed to create shim task: ttrpc: closed: unknown\"";
+        assert!(start_lost_by_runtime(closed)
+            .unwrap()
+            .contains("disconnected"));
         // The LSM refusal of the entrypoint, our hook refusing, a sandbox that really exited.
         for refused in [
             "runc create failed: unable to start container process: exec: \"/bin/sh\": \
