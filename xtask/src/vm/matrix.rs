@@ -426,14 +426,15 @@ pub struct Merged {
 const MERGED_REASON_CHARS: usize = 300;
 
 impl Merged {
-    /// Adds `run`'s `rows`. A cell of the same (kernel, scenario, runtime) is replaced;
-    /// every earlier cell of a kernel in `whole` (run without a scenario filter) goes, so
-    /// renamed or removed scenarios leave no stale rows. Rows keep the order the runs
-    /// met them in: a new (scenario, runtime) goes after the one the run had before it.
+    /// Adds `run`'s `rows`. A cell of the same (kernel, scenario, runtime) is replaced
+    /// where it stands; every other earlier cell of a kernel in `whole` (run without a
+    /// scenario filter) goes, so renamed or removed scenarios leave no stale rows. Rows
+    /// keep the order the runs met them in: a new (scenario, runtime) goes after the one
+    /// the run had before it.
     pub fn add(&mut self, run: Run, rows: &[Row], whole: &[String]) {
         let key = |r: &Row| (r.scenario.clone(), r.runtime.clone());
         self.rows.retain(|old| {
-            !whole.contains(&old.kernel) && !rows.iter().any(|new| same_cell(old, new))
+            !whole.contains(&old.kernel) || rows.iter().any(|new| same_cell(old, new))
         });
         let mut previous: Option<(String, String)> = None;
         for new in rows {
@@ -441,17 +442,21 @@ impl Merged {
             row.date.clone_from(&run.date);
             row.detail.clear();
             row.reason = cut(&row.reason, MERGED_REASON_CHARS);
+            let before = previous.replace(key(&row));
+            if let Some(old) = self.rows.iter_mut().find(|old| same_cell(old, &row)) {
+                *old = row;
+                continue;
+            }
             let at = self
                 .rows
                 .iter()
                 .rposition(|r| key(r) == key(&row))
                 .or_else(|| {
-                    previous
+                    before
                         .as_ref()
                         .and_then(|p| self.rows.iter().rposition(|r| &key(r) == p))
                 })
                 .map_or(self.rows.len(), |i| i + 1);
-            previous = Some(key(&row));
             self.rows.insert(at, row);
         }
         self.runs.retain(|r| r.date != run.date);
@@ -700,6 +705,10 @@ mod tests {
         let mut m = Merged::default();
         m.add(run("d1"), &[six.clone(), five.clone()].concat(), &[]);
         assert_eq!(m.rows.len(), 6);
+        let at = |m: &Merged, k: &str, s: &str| {
+            m.rows.iter().position(|r| r.kernel == k && r.scenario == s)
+        };
+        let cs_before = at(&m, "5.10", "containerd_starts").unwrap();
         // A part: one 5.10 cell again (it failed this time), and a new row after boot.
         let mut part = vec![five[1].clone()];
         part[0].result = Verdict::Fail;
@@ -728,6 +737,8 @@ mod tests {
         );
         assert_eq!(cell(&m, "6.12", "containerd_starts").unwrap().date, "d1");
         assert_eq!(m.rows.len(), 7);
+        // Replaced where it stood (one row, late_boot, went in before it).
+        assert_eq!(at(&m, "5.10", "containerd_starts"), Some(cs_before + 1));
         let order = ordered(m.rows.iter().map(|r| r.scenario.as_str()));
         assert_eq!(
             order,
