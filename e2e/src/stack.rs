@@ -629,7 +629,7 @@ pub async fn start_agent(spec: AgentSpec) -> Result<Agent> {
 impl Drop for Stack {
     fn drop(&mut self) {
         self.plugin.take();
-        self.agent.take();
+        self.stop_agent();
         // Detach the programs: nothing of the test may keep enforcing.
         let _ = Command::new(&self.bins.agent)
             .arg("--unpin")

@@ -468,17 +468,14 @@ impl Merged {
 
     /// The kernels with cells, in `order` (kernels.toml's) first, others as met.
     pub fn kernels(&self, order: &[String]) -> Vec<String> {
-        let mut out: Vec<String> = order
+        let with_cells = order
             .iter()
-            .filter(|k| self.rows.iter().any(|r| &r.kernel == *k))
-            .cloned()
-            .collect();
-        for r in &self.rows {
-            if !out.contains(&r.kernel) {
-                out.push(r.kernel.clone());
-            }
-        }
-        out
+            .map(String::as_str)
+            .filter(|k| self.rows.iter().any(|r| r.kernel == *k));
+        ordered(with_cells.chain(self.rows.iter().map(|r| r.kernel.as_str())))
+            .into_iter()
+            .map(String::from)
+            .collect()
     }
 }
 

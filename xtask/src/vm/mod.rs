@@ -394,7 +394,7 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
     };
     // A run without a scenario filter speaks for its kernels' whole columns.
     let whole = if args.scenario.is_none() && args.exclude.is_none() {
-        names.clone()
+        names
     } else {
         Vec::new()
     };
@@ -405,7 +405,7 @@ pub fn e2e(args: &E2eArgs) -> Result<()> {
     std::fs::write(
         out_dir.join(RUN_FILE),
         serde_json::to_string_pretty(&RunFile {
-            whole: whole.clone(),
+            whole,
             merged: this_run,
         })? + "\n",
     )?;
@@ -572,8 +572,6 @@ fn run_kernel(
     Ok((rows, line, job_ok))
 }
 
-/// `cargo xtask demo`: boots the default kernel and runs `rthooks-e2e demo` in it, which
-/// narrates the whole stack stopping a selected pod at its first exec.
 /// What a run leaves for `cargo xtask matrix --add` (beside its `matrix.json`).
 const RUN_FILE: &str = "run.json";
 
@@ -662,6 +660,8 @@ fn merge_into_readme(run_files: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask demo`: boots the default kernel and runs `rthooks-e2e demo` in it, which
+/// narrates the whole stack stopping a selected pod at its first exec.
 pub fn demo() -> Result<()> {
     let args = E2eArgs {
         select: Select {
