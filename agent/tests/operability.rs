@@ -169,8 +169,15 @@ fn socket_refuses_unauthorized_uids_even_when_its_mode_allows_them() {
     // Open the socket and its directory to everyone: only the uid check stands in the way.
     std::fs::set_permissions(&agent.socket, std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::set_permissions(agent.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The client runs from the agent's directory: the checkout may sit below a directory
+    // other uids cannot enter (`mktemp -d` makes it 0700), and then exec, not the agent,
+    // would refuse uid 65534.
+    let ctl = agent.dir.path().join("rthooksctl");
+    std::fs::hard_link(env!("CARGO_BIN_EXE_rthooksctl"), &ctl)
+        .or_else(|_| std::fs::copy(env!("CARGO_BIN_EXE_rthooksctl"), &ctl).map(drop))
+        .unwrap();
     let run_as = |uid: u32| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rthooksctl"));
+        let mut cmd = Command::new(&ctl);
         cmd.arg(format!("--address=unix://{}", agent.socket.display()))
             .arg("status")
             .gid(uid)
